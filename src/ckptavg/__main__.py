@@ -1,0 +1,3 @@
+from ckptavg.cli import main
+
+main()

@@ -1,0 +1,375 @@
+"""The library's entry points: plan an averaging (pure, headers only), then carry it out.
+
+    from ckptavg import api
+    plan = api.plan_lawa("runs/pythia-70m", StepRange(21000, 141000), k=5, interval=3000, out=Path("lawa"))
+    api.average(plan)
+
+A plan names every output, its member steps and their weights; planning opens only checkpoint headers and
+checks that every member agrees on tensor names, shapes and dtypes, so bad input fails before any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptavg import __version__, engine
+from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OutputError
+from ckptavg.progress import Reporter
+from ckptavg.sources import Checkpoint, Run, TensorInfo, close_files, open_checkpoint, open_run
+from ckptavg.sources.hf_folder import PROVENANCE_FILE
+from ckptavg.steps import StepRange
+from ckptavg.windows import (
+    Window,
+    checkpoint_spacing,
+    ema_windows,
+    explicit_window,
+    lawa_windows,
+    swa_windows,
+)
+from ckptavg.writers import FolderWriter, write_nanogpt_ckpt
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Plan:
+    method: str  # lawa | ema | swa | avg
+    params: dict[str, Any]
+    source: str
+    windows: list[Window]
+    members: dict[int, Checkpoint]  # member id (step; position for avg) -> checkpoint
+    outputs: list[Path]
+    by_position: bool = False  # avg: member ids are positions in the command line, not steps
+
+    def bytes_to_read(self) -> int:
+        ids = {m for w in self.windows for m in w.steps}
+        return sum(self.members[m].nbytes for m in ids)
+
+
+@dataclass
+class Options:
+    accumulate: str = "float32"
+    dtype: str | None = None  # output dtype of averaged tensors; None keeps the input's
+    device: str = "cpu"
+    overwrite: bool = False
+    max_shard_size: int = 5 * 10**9
+    allow_nonfinite: bool = False
+    write_ckpt: bool = False  # nanoGPT sources: also write ckpt.pt
+    chunk: int = engine.DEFAULT_CHUNK
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _run(source: str, allow_legacy: bool) -> Run:
+    return open_run(source, allow_legacy=allow_legacy)
+
+
+def _plan_from_run(run: Run, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
+    members = {s: run.checkpoint(s) for s in sorted({s for w in windows for s in w.steps})}
+    plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
+    check_members(plan)
+    return plan
+
+
+def plan_lawa(
+    source: str,
+    steps: StepRange,
+    *,
+    k: int,
+    out: Path,
+    interval: int | None = None,
+    k_stepsize: int | None = None,
+    allow_legacy: bool = False,
+) -> Plan:
+    run = _run(source, allow_legacy)
+    spacing = checkpoint_spacing(run.steps)
+    nu = k_stepsize or spacing
+    every = interval or steps.every or spacing
+    windows = lawa_windows(run.steps, steps, k=k, interval=every, nu=nu, source=run.label)
+    return _plan_from_run(run, "lawa", {"k": k, "k_stepsize": nu, "interval": every, "steps": str(steps)}, windows, out)
+
+
+def plan_ema(
+    source: str,
+    steps: StepRange,
+    *,
+    out: Path,
+    decay: float = 0.9,
+    interval: int | None = None,
+    every: int | None = None,
+    allow_legacy: bool = False,
+) -> Plan:
+    run = _run(source, allow_legacy)
+    ends = interval or steps.every or checkpoint_spacing(run.steps)
+    windows = ema_windows(run.steps, steps, decay=decay, interval=ends, every=every, source=run.label)
+    params = {"decay": decay, "interval": ends, "every": every, "steps": str(steps)}
+    return _plan_from_run(run, "ema", params, windows, out)
+
+
+def plan_swa(
+    source: str,
+    steps: StepRange,
+    *,
+    out: Path,
+    start: int | None = None,
+    every: int | None = None,
+    interval: int | None = None,
+    allow_legacy: bool = False,
+) -> Plan:
+    run = _run(source, allow_legacy)
+    first = steps.start if start is None else start
+    stride = every or checkpoint_spacing(run.steps)
+    ends = interval or steps.every or stride
+    windows = swa_windows(run.steps, steps, start=first, every=stride, interval=ends, source=run.label)
+    params = {"start": first, "every": stride, "interval": ends, "steps": str(steps)}
+    return _plan_from_run(run, "swa", params, windows, out)
+
+
+def plan_avg(paths: list[str], *, out: Path, weights: list[float] | None = None, allow_legacy: bool = False) -> Plan:
+    window = explicit_window(len(paths), weights)
+    members = {i: open_checkpoint(Path(p), i, allow_legacy=allow_legacy) for i, p in enumerate(paths)}
+    params = {"weights": list(window.weights)}
+    plan = Plan("avg", params, ", ".join(paths), [window], members, [out], by_position=True)
+    check_members(plan)
+    return plan
+
+
+def _who(plan: Plan, member: int) -> str:
+    c = plan.members[member]
+    return c.label if plan.by_position else f"step {c.step} ({c.label})"
+
+
+def check_members(plan: Plan) -> None:
+    """Every member must hold the same tensors with the same shapes and dtypes as the newest one."""
+    ids = sorted(plan.members)
+    ref_id = ids[-1]
+    ref = plan.members[ref_id]
+    for m in ids[:-1]:
+        c = plan.members[m]
+        if c.entries.keys() != ref.entries.keys():
+            extra = sorted(c.entries.keys() - ref.entries.keys())
+            if extra:
+                raise MismatchError(f"tensor '{extra[0]}' is in {_who(plan, m)} but not in {_who(plan, ref_id)}")
+            lack = sorted(ref.entries.keys() - c.entries.keys())
+            raise MismatchError(f"tensor '{lack[0]}' is in {_who(plan, ref_id)} but not in {_who(plan, m)}")
+        for name, e in c.entries.items():
+            r = ref.entries[name].info
+            if e.info.shape != r.shape:
+                raise MismatchError(
+                    f"tensor '{name}' has shape {list(e.info.shape)} in {_who(plan, m)} "
+                    f"but {list(r.shape)} in {_who(plan, ref_id)}"
+                )
+            if e.info.dtype != r.dtype:
+                raise MismatchError(
+                    f"tensor '{name}' is {str(e.info.dtype).removeprefix('torch.')} in {_who(plan, m)} "
+                    f"but {str(r.dtype).removeprefix('torch.')} in {_who(plan, ref_id)}"
+                )
+        if c.aliases != ref.aliases:
+            raise MismatchError(f"tied weights differ between {_who(plan, m)} and {_who(plan, ref_id)}")
+
+
+def describe(plan: Plan) -> list[dict[str, Any]]:
+    """One record per output: what ``plan`` and ``--dry-run`` print, and what ``--json`` emits."""
+    rows = []
+    for w, out in zip(plan.windows, plan.outputs, strict=True):
+        read = sum(plan.members[m].nbytes for m in w.steps)
+        members = [plan.members[m].label for m in w.steps] if plan.by_position else list(w.steps)
+        rows.append(
+            {
+                "method": plan.method,
+                "step": None if plan.by_position else w.end,
+                "members": members,
+                "weights": [round(x, 12) for x in w.weights],
+                "out": str(out),
+                "bytes_to_read": read,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def provenance(plan: Plan, j: int, opts: Options) -> dict[str, Any]:
+    w = plan.windows[j]
+    members = []
+    for m, weight in zip(w.steps, w.weights, strict=True):
+        c = plan.members[m]
+        files = []
+        for f in c.files:
+            st = f.stat()
+            files.append({"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        members.append({"step": c.step, "weight": weight, "path": c.label, "files": files})
+    record: dict[str, Any] = {
+        "tool": "ckptavg",
+        "version": __version__,
+        "method": plan.method,
+        "params": plan.params,
+        "source": plan.source,
+        "step": None if plan.by_position else w.end,
+        "members": members,
+        "accumulate": opts.accumulate,
+        "dtype": opts.dtype,
+    }
+    record["plan_id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return record
+
+
+def _finished_plan_id(path: Path) -> str | None:
+    try:
+        return json.loads((path / PROVENANCE_FILE).read_text()).get("plan_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- execution
+
+
+def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None = None) -> list[Path]:
+    """Produce every output of ``plan`` in one pass; outputs already made by the same plan are skipped."""
+    opts = opts or Options()
+    reporter = reporter or Reporter(quiet=True)
+    if opts.accumulate not in ("float32", "float64"):
+        raise InvalidArgumentError(f"accumulate must be float32 or float64, got {opts.accumulate}")
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {opts.dtype}")
+    device = _device(opts.device)
+    records = [provenance(plan, j, opts) for j in range(len(plan.windows))]
+    todo = []
+    for j, out in enumerate(plan.outputs):
+        if out.exists():
+            if _finished_plan_id(out) == records[j]["plan_id"] and not opts.overwrite:
+                reporter.log(f"{out} is complete (same plan); skipped")
+                continue
+            if not opts.overwrite:
+                raise OutputError(
+                    f"{out}: already exists and was not made by this plan; pass --overwrite to replace it"
+                )
+        todo.append(j)
+    if not todo:
+        return list(plan.outputs)
+
+    windows = [plan.windows[j] for j in todo]
+    ref = plan.members[max(plan.members)]
+    out_dtype = DTYPES[opts.dtype] if opts.dtype else None
+
+    def dtype_of(name: str, info: TensorInfo) -> torch.dtype:
+        return out_dtype if out_dtype is not None and engine.is_averaged(name, info) else info.dtype
+
+    infos = {n: e.info for n, e in ref.entries.items()}
+    layout = [(n, TensorInfo(i.shape, dtype_of(n, i))) for n, i in infos.items()]
+    writers = [
+        FolderWriter(
+            plan.outputs[j],
+            layout,
+            aliases=ref.aliases,
+            provenance=records[j],
+            extra_files=plan.members[plan.windows[j].steps[-1]].extra_files,
+            max_shard_size=opts.max_shard_size if not opts.write_ckpt else 1 << 62,
+            overwrite=opts.overwrite,
+        )
+        for j in todo
+    ]
+    job = engine.Job(
+        windows=windows,
+        members=plan.members,
+        names=list(infos),
+        infos=infos,
+        reducer=_reducer(plan, windows, DTYPES[opts.accumulate], device),
+        out_dtype=dtype_of,
+        sink=lambda j, name, start, data: writers[j].write(name, start, data),
+        allow_nonfinite=opts.allow_nonfinite,
+        chunk=opts.chunk,
+        on_tensor_done=lambda name, nbytes: reporter.advance(nbytes),
+    )
+    created = [p for p in {o.parent for o in plan.outputs} if not p.exists()]
+    t0 = time.perf_counter()
+    try:
+        for w in writers:
+            w.open()
+        reporter.start(sum(sum(plan.members[m].nbytes for m in w.steps) for w in windows), len(windows))
+        engine.run(job)
+        reporter.stop()
+        for j, w in zip(todo, writers, strict=True):
+            if opts.write_ckpt:
+                write_nanogpt_ckpt(w.tmp, iter_num=plan.windows[j].end, meta=ref.meta, aliases=ref.aliases)
+            w.commit()
+            members = plan.windows[j].steps
+            span = f"{len(members)} member{'s' * (len(members) != 1)}"
+            if not plan.by_position:
+                span += f", steps {members[0]}..{members[-1]}"
+            reporter.output_done(
+                str(plan.outputs[j]), f"{plan.method}, {span}", sum(plan.members[m].nbytes for m in members)
+            )
+    except BaseException:
+        reporter.stop()
+        for w in writers:
+            w.abort()
+        for p in created:
+            _remove_if_empty(p)
+        raise
+    finally:
+        close_files()
+    reporter.log(f"done in {time.perf_counter() - t0:.1f} s")
+    return list(plan.outputs)
+
+
+def _reducer(plan: Plan, windows: list[Window], acc: torch.dtype, device: torch.device) -> engine.Reducer:
+    if plan.method == "lawa":
+        return engine.UniformReducer(windows, int(plan.params["k_stepsize"]), acc, device)
+    if plan.method == "swa":
+        return engine.UniformReducer(windows, int(plan.params["every"]), acc, device)
+    if plan.method == "ema":
+        return engine.EmaReducer(windows, float(plan.params["decay"]), acc, device)
+    return engine.WeightedReducer(windows, acc, device)
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"--device {name}: no CUDA device is available (torch {torch.__version__})")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise InvalidArgumentError(f"--device {name}: {e}") from e
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- listing
+
+
+def list_checkpoints(source: str, *, allow_legacy: bool = False) -> list[dict[str, Any]]:
+    """Steps of a run with their format, size on disk and path (headers only)."""
+    run = open_run(source, allow_legacy=allow_legacy)
+    rows = []
+    for s in run.steps:
+        try:
+            c = run.checkpoint(s)
+        except CkptavgError as e:
+            rows.append({"step": s, "format": "unreadable", "bytes": None, "path": str(run.paths[s]), "error": str(e)})
+            continue
+        size = sum(f.stat().st_size for f in c.files)
+        rows.append(
+            {
+                "step": s,
+                "format": c.format + (f" ({len(c.files)} shards)" if len(c.files) > 1 else ""),
+                "bytes": size,
+                "path": c.label,
+            }
+        )
+    close_files()
+    return rows

@@ -1,0 +1,302 @@
+"""The only tensor math in ckptavg: one streaming pass that produces every output of a plan.
+
+The loop runs over tensors, and over each tensor in chunks of ``chunk`` elements; for one chunk it reads
+the members in step order and feeds a reducer, which hands back the finished chunk of each output whose
+window ends at that step. So every input byte is read once per run however much the windows overlap,
+memory holds a few chunks rather than a model, and a chunk small enough for the CPU cache makes the
+arithmetic several times faster than the same additions done on whole tensors.
+
+Reducers keep running state instead of re-adding a checkpoint once per window it belongs to:
+- uniform means (LAWA, SWA): a running sum per residue class (step mod nu); a window's sum is the running
+  sum at its end minus a snapshot taken just before its first member. Sums that get subtracted are kept
+  in float64, where the sum of fp16/bf16 values is exact, so the difference is exact too; windows that
+  never overlap just reset the sum and accumulate in the requested dtype (float32 by default).
+- EMA: ema = decay*ema + (1-decay)*x, emitted at window ends.
+- explicit weights (``avg``): acc += w*x.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ckptavg.errors import NonFiniteError
+from ckptavg.sources import Checkpoint, TensorInfo
+from ckptavg.windows import Window
+
+# Names of constant buffers that transformers (and nanoGPT) keep in state dicts: copied from the newest
+# member, never averaged (Pythia's fp16 masked_bias is -inf, and -inf arithmetic yields NaN).
+BUFFER_SUFFIXES = (
+    ".attention.bias",
+    ".attention.masked_bias",
+    ".rotary_emb.inv_freq",
+    ".attn.bias",
+    ".attn.masked_bias",
+)
+
+DEFAULT_CHUNK = 1 << 20  # elements; 4-8 MB accumulators stay in the CPU's L2/L3 cache
+
+
+def is_averaged(name: str, info: TensorInfo) -> bool:
+    """Float parameters are averaged; integer/bool tensors and known constant buffers are copied."""
+    return info.dtype.is_floating_point and not name.endswith(BUFFER_SUFFIXES)
+
+
+Sink = Callable[[int, str, int, torch.Tensor], None]  # (window index, tensor name, first element, data)
+
+
+class Reducer:
+    """Running state for one chunk of one tensor across the members of every window."""
+
+    def begin(self, n: int) -> None:
+        raise NotImplementedError
+
+    def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class UniformReducer(Reducer):
+    """Uniform means over members ``stride`` steps apart (LAWA with nu = stride; SWA with every = stride)."""
+
+    def __init__(self, windows: Sequence[Window], stride: int, accumulate: torch.dtype, device: torch.device):
+        self.windows = windows
+        self.stride = stride
+        self.device = device
+        self.starts: dict[int, list[int]] = {}
+        self.ends: dict[int, list[int]] = {}
+        for j, w in enumerate(windows):
+            self.starts.setdefault(w.steps[0], []).append(j)
+            self.ends.setdefault(w.end, []).append(j)
+        # A window that opens while another of its class is open needs a snapshot to subtract: float64.
+        self.overlapping = self._simulate()
+        self.dtype = torch.float64 if self.overlapping else accumulate
+
+    def _simulate(self) -> bool:
+        open_count: dict[int, int] = {}
+        for step in sorted(set(self.starts) | set(self.ends)):
+            r = step % self.stride
+            for _ in self.starts.get(step, ()):
+                if open_count.get(r, 0):
+                    return True
+                open_count[r] = open_count.get(r, 0) + 1
+            open_count[r] = open_count.get(r, 0) - len(self.ends.get(step, ()))
+        return False
+
+    def begin(self, n: int) -> None:
+        self.n = n
+        self.sums: dict[int, torch.Tensor | None] = {}
+        self.open: dict[int, int] = {}
+        self.snapshots: dict[int, torch.Tensor | None] = {}
+
+    def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        r = member % self.stride
+        for j in self.starts.get(member, ()):
+            if not self.open.get(r):
+                self.sums[r] = None  # no window of this class is open: start afresh, nothing to subtract
+                self.snapshots[j] = None
+            else:
+                s = self.sums[r]
+                self.snapshots[j] = None if s is None else s.clone()
+            self.open[r] = self.open.get(r, 0) + 1
+        s = self.sums.get(r)
+        if s is None:
+            self.sums[r] = x.to(device=self.device, dtype=self.dtype, copy=True)
+        else:
+            s.add_(x.to(self.device, non_blocking=True))
+        out = []
+        for j in self.ends.get(member, ()):
+            total = self.sums[r]
+            assert total is not None
+            snap = self.snapshots.pop(j)
+            mean = total - snap if snap is not None else total.clone()
+            out.append((j, mean.div_(len(self.windows[j].steps))))
+            self.open[r] -= 1
+        return out
+
+
+class EmaReducer(Reducer):
+    def __init__(self, windows: Sequence[Window], decay: float, accumulate: torch.dtype, device: torch.device):
+        self.decay = decay
+        self.first = windows[0].steps[0]
+        self.ends: dict[int, list[int]] = {}
+        for j, w in enumerate(windows):
+            self.ends.setdefault(w.end, []).append(j)
+        self.dtype = accumulate
+        self.device = device
+
+    def begin(self, n: int) -> None:
+        self.state: torch.Tensor | None = None
+
+    def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        x = x.to(self.device, non_blocking=True)
+        if self.state is None or member == self.first:
+            self.state = x.to(dtype=self.dtype, copy=True)
+        else:
+            self.state.mul_(self.decay).add_(x, alpha=1.0 - self.decay)
+        return [(j, self.state.clone()) for j in self.ends.get(member, ())]
+
+
+class WeightedReducer(Reducer):
+    """acc_j += w_j(i) * x_i for every window j holding member i: cost grows with overlap; for ``avg``."""
+
+    def __init__(self, windows: Sequence[Window], accumulate: torch.dtype, device: torch.device):
+        self.windows = windows
+        self.weights: dict[int, list[tuple[int, float]]] = {}
+        for j, w in enumerate(windows):
+            for step, weight in zip(w.steps, w.weights, strict=True):
+                self.weights.setdefault(step, []).append((j, weight))
+        self.dtype = accumulate
+        self.device = device
+
+    def begin(self, n: int) -> None:
+        self.acc: dict[int, torch.Tensor] = {}
+
+    def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        x = x.to(self.device, non_blocking=True)
+        out = []
+        for j, weight in self.weights.get(member, ()):
+            if j not in self.acc:
+                self.acc[j] = x.to(dtype=self.dtype, copy=True).mul_(weight)
+            else:
+                self.acc[j].add_(x, alpha=weight)
+            if member == self.windows[j].steps[-1]:
+                out.append((j, self.acc.pop(j)))
+        return out
+
+
+@dataclass
+class Job:
+    """Everything the pass needs: who is read, what is produced, and where the chunks go."""
+
+    windows: Sequence[Window]
+    members: dict[int, Checkpoint]  # window member id (a step, or a position for avg) -> checkpoint
+    names: list[str]  # tensor order of the outputs
+    infos: dict[str, TensorInfo]
+    reducer: Reducer
+    out_dtype: Callable[[str, TensorInfo], torch.dtype]
+    sink: Sink
+    allow_nonfinite: bool = False
+    chunk: int = DEFAULT_CHUNK
+    on_tensor_done: Callable[[str, int], None] | None = None  # (name, bytes read) for progress
+
+
+def run(job: Job) -> int:
+    """Stream every tensor through the reducer into the sink; returns the number of bytes read."""
+    order = sorted({m for w in job.windows for m in w.steps})
+    schedule: list[tuple[Checkpoint, str, int, int]] = []
+    for name in job.names:
+        info = job.infos[name]
+        if not is_averaged(name, info):
+            continue
+        for start in range(0, max(info.numel, 1), job.chunk):
+            stop = min(start + job.chunk, info.numel)
+            schedule.extend((job.members[m], name, start, stop) for m in order)
+    itemsize = max((i.dtype.itemsize for i in job.infos.values()), default=1)
+    reads = _Prefetch(schedule, job.chunk * itemsize)
+    total = 0
+    try:
+        for name in job.names:
+            info = job.infos[name]
+            done = 0
+            if not is_averaged(name, info):
+                done = _copy_newest(job, name, info)
+            else:
+                for start in range(0, max(info.numel, 1), job.chunk):
+                    stop = min(start + job.chunk, info.numel)
+                    job.reducer.begin(stop - start)
+                    for m in order:
+                        x = next(reads)
+                        done += x.numel() * x.element_size()
+                        for j, mean in job.reducer.feed(m, x):
+                            out = mean.to(job.out_dtype(name, info))
+                            if not job.allow_nonfinite and not bool(torch.isfinite(out).all()):
+                                _blame_nonfinite(job, j, name, start, stop)
+                            job.sink(j, name, start, out.cpu())
+            total += done
+            if job.on_tensor_done:
+                job.on_tensor_done(name, done)
+    finally:
+        reads.close()
+    return total
+
+
+def _copy_newest(job: Job, name: str, info: TensorInfo) -> int:
+    buf = torch.empty(job.chunk * info.dtype.itemsize, dtype=torch.uint8)
+    read = 0
+    for j, w in enumerate(job.windows):
+        newest = job.members[w.steps[-1]]
+        for start in range(0, max(info.numel, 1), job.chunk):
+            stop = min(start + job.chunk, info.numel)
+            x = newest.read(name, start, stop, buf)
+            read += x.numel() * x.element_size()
+            job.sink(j, name, start, x.clone())
+    return read
+
+
+def _blame_nonfinite(job: Job, j: int, name: str, start: int, stop: int) -> None:
+    buf = torch.empty((stop - start) * job.infos[name].dtype.itemsize, dtype=torch.uint8)
+    for m in job.windows[j].steps:
+        ckpt = job.members[m]
+        if not bool(torch.isfinite(ckpt.read(name, start, stop, buf)).all()):
+            raise NonFiniteError(
+                f"tensor '{name}' holds NaN or Inf at step {ckpt.step} ({ckpt.label}); "
+                "pass --allow-nonfinite to average it anyway"
+            )
+    raise NonFiniteError(
+        f"the average of tensor '{name}' for step {job.windows[j].end} overflows to Inf; "
+        "pass --dtype float32 or --allow-nonfinite"
+    )
+
+
+_DONE = object()
+
+
+class _Prefetch:
+    """Read the schedule ahead on a thread (``pread`` releases the GIL) while the caller computes.
+
+    Buffers are recycled in a ring two longer than the queue, so the reader never overwrites the chunk
+    the consumer holds.
+    """
+
+    def __init__(self, schedule: list[tuple[Checkpoint, str, int, int]], buf_bytes: int, depth: int = 6):
+        self.ring = [torch.empty(buf_bytes, dtype=torch.uint8) for _ in range(depth + 2)]
+        self.queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.schedule = schedule
+        self.thread = threading.Thread(target=self._produce, name="ckptavg-reader", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for i, (ckpt, name, start, end) in enumerate(self.schedule):
+                if not self._put(ckpt.read(name, start, end, self.ring[i % len(self.ring)])):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it in the main thread
+            self._put(e)
+            return
+        self._put(_DONE)
+
+    def __next__(self) -> torch.Tensor:
+        item = self.queue.get()
+        if item is _DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)

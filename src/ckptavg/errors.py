@@ -1,0 +1,56 @@
+"""Every exception ckptavg raises on purpose.
+
+The library raises these and never prints or exits; the CLI turns any of them into one line on stderr
+and exit code 1. Each message names the file, step or tensor at fault and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class CkptavgError(Exception):
+    """Base class: a problem with the user's input or environment, not a bug in ckptavg."""
+
+
+class InvalidArgumentError(CkptavgError):
+    """Parameters that cannot describe a valid averaging (k < 1, decay outside (0, 1), ...)."""
+
+
+class StepNotFoundError(CkptavgError):
+    """A window needs checkpoints that the run does not have."""
+
+    def __init__(self, missing: Iterable[int], available: Iterable[int], source: str) -> None:
+        self.missing = sorted(set(missing))
+        self.available = sorted(set(available))
+        self.source = source
+        nearest = sorted({n for s in self.missing[:5] if (n := _nearest(s, self.available)) is not None})
+        shown = ", ".join(str(s) for s in self.missing[:10])
+        more = f" and {len(self.missing) - 10} more" if len(self.missing) > 10 else ""
+        near = ", ".join(str(s) for s in nearest) if nearest else "none"
+        noun = "step" if len(self.missing) == 1 else "steps"
+        super().__init__(f"{noun} {shown}{more} not found in {source} (nearest available: {near})")
+
+
+def _nearest(step: int, available: list[int]) -> int | None:
+    return min(available, key=lambda a: (abs(a - step), a)) if available else None
+
+
+class CheckpointFormatError(CkptavgError):
+    """A checkpoint file is missing, truncated, corrupt, or not in a supported format."""
+
+
+class UnsafePickleError(CheckpointFormatError):
+    """A torch file holds more than plain tensors; ``weights_only=True`` refused it."""
+
+
+class MismatchError(CkptavgError):
+    """Members of one average disagree on a tensor's presence, shape or dtype."""
+
+
+class NonFiniteError(CkptavgError):
+    """A float input holds NaN or Inf, which would poison every average it enters."""
+
+
+class OutputError(CkptavgError):
+    """The output cannot be written: it exists, escapes its folder, or the disk refused."""

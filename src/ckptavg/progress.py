@@ -1,0 +1,70 @@
+"""Progress on stderr, never stdout (stdout carries only results, so pipelines can read it).
+
+On a terminal: a Rich progress bar over bytes read. Elsewhere (job logs, CI, pipes): one plain line per
+finished output, so a cluster log says what was done without carriage-return noise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+class Reporter:
+    def __init__(self, stream: TextIO | None = None, *, quiet: bool = False, force_terminal: bool | None = None):
+        self.console = Console(file=stream or sys.stderr, force_terminal=force_terminal)
+        self.quiet = quiet
+        self.live = self.console.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+        self.t0 = time.perf_counter()
+
+    def start(self, total_bytes: int, outputs: int) -> None:
+        self.t0 = time.perf_counter()
+        if self.live:
+            self.progress = Progress(
+                TextColumn(f"averaging {outputs} output{'s' * (outputs != 1)}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("read", total=total_bytes)
+
+    def advance(self, nbytes: int) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, advance=nbytes)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def output_done(self, path: str, detail: str, nbytes: int) -> None:
+        if not self.quiet:
+            secs = time.perf_counter() - self.t0
+            self.console.print(
+                f"ckptavg: wrote {path} ({detail}, {secs:.1f} s, {nbytes / 1e9:.2f} GB read)",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(f"ckptavg: {message}", highlight=False, markup=False, soft_wrap=True)

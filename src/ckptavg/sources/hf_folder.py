@@ -1,0 +1,79 @@
+"""A transformers checkpoint folder (one Pythia step): safetensors or .bin, whole or sharded.
+
+Pythia's step branches hold ``pytorch_model.bin`` (fp16, torch zip format), or for 12B three ``.bin``
+shards with ``pytorch_model.bin.index.json``; only some ``main`` branches add ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ckptavg.errors import CheckpointFormatError
+from ckptavg.sources.checkpoint import Checkpoint, TensorEntry
+from ckptavg.sources.safetensors_file import read_safetensors_index
+from ckptavg.sources.torch_file import load_torch_file, state_dict_entries
+
+# In order of preference when a folder holds more than one.
+WEIGHT_FILES = (
+    ("model.safetensors", "safetensors"),
+    ("model.safetensors.index.json", "safetensors"),
+    ("pytorch_model.bin", "bin"),
+    ("pytorch_model.bin.index.json", "bin"),
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+PROVENANCE_FILE = "ckptavg.json"
+
+
+def find_weights(folder: Path) -> tuple[str, list[Path]] | None:
+    """The format and weight files of a checkpoint folder, or None when it has none we read."""
+    for name, fmt in WEIGHT_FILES:
+        p = folder / name
+        if p.is_file():
+            return fmt, (_shards_from_index(p) if name.endswith(".index.json") else [p])
+    return None
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointFormatError(f"{index}: not a valid index (needs a 'weight_map' object): {e!r}") from e
+    root = index.parent.resolve()
+    shards = []
+    for f in files:
+        p = (index.parent / str(f)).resolve()
+        if not p.is_relative_to(root) or p == root:
+            raise CheckpointFormatError(f"{index}: weight_map names '{f}', outside the checkpoint folder")
+        if not p.is_file():
+            raise CheckpointFormatError(f"{index}: weight_map names '{f}', which does not exist")
+        shards.append(p)
+    return shards
+
+
+def open_hf_checkpoint(folder: Path, step: int, *, allow_legacy: bool = False) -> Checkpoint:
+    found = find_weights(folder)
+    if found is None:
+        raise CheckpointFormatError(f"{folder}: no weights found (looked for {', '.join(n for n, _ in WEIGHT_FILES)})")
+    fmt, shards = found
+    entries: dict[str, TensorEntry] = {}
+    aliases: dict[str, str] = {}
+    for shard in shards:
+        if fmt == "safetensors":
+            part, _ = read_safetensors_index(shard)
+            part_aliases: dict[str, str] = {}
+        else:
+            obj, offset = load_torch_file(shard, allow_legacy=allow_legacy)
+            part, part_aliases = state_dict_entries(shard, obj, offset)
+        dup = set(part) & set(entries)
+        if dup:
+            raise CheckpointFormatError(f"{folder}: tensor '{sorted(dup)[0]}' appears in more than one shard")
+        entries.update(part)
+        aliases.update(part_aliases)
+    extra = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name != PROVENANCE_FILE
+    )
+    return Checkpoint(step, str(folder), fmt, entries, aliases, list(shards), extra)

@@ -1,0 +1,206 @@
+"""Write one output model folder by streaming tensor chunks into safetensors files, atomically.
+
+Shapes and dtypes are known before any byte is computed, so every shard's header is written first and
+chunks land at their final offsets with ``pwrite`` as the engine produces them; no shard is ever held in
+memory. Space for every file is reserved up front (a full disk fails before the work, not after). The
+folder is built under a hidden temporary name beside the target and renamed into place only when
+complete, so a folder with the target's name is always whole; ``ckptavg.json`` inside it says which plan
+made it, which is how a rerun recognises finished outputs and skips them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckptavg.errors import OutputError
+from ckptavg.sources import TensorInfo
+from ckptavg.sources.hf_folder import PROVENANCE_FILE
+from ckptavg.sources.safetensors_file import DTYPE_NAMES
+
+TMP_MARK = ".ckptavg-tmp-"
+
+
+@dataclass(frozen=True)
+class _Slot:
+    fd_index: int
+    offset: int  # of the tensor's first byte in its file
+    itemsize: int
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count (decimal units, as transformers reads them)."""
+    t = text.strip().upper().replace(" ", "")
+    units = {
+        "KIB": 1 << 10,
+        "MIB": 1 << 20,
+        "GIB": 1 << 30,
+        "TIB": 1 << 40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
+    for unit, mult in units.items():
+        if t.endswith(unit) and t[: -len(unit)].replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * mult)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+
+
+def shard_layout(tensors: list[tuple[str, TensorInfo]], max_shard_size: int) -> list[list[tuple[str, TensorInfo]]]:
+    """Greedy split in tensor order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[tuple[str, TensorInfo]]] = [[]]
+    size = 0
+    for name, info in tensors:
+        if shards[-1] and size + info.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, info))
+        size += info.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+class FolderWriter:
+    """One output folder; ``write`` chunks in any order, then ``commit`` or ``abort``."""
+
+    def __init__(
+        self,
+        final: Path,
+        tensors: list[tuple[str, TensorInfo]],
+        *,
+        aliases: dict[str, str],
+        provenance: dict[str, object],
+        extra_files: list[Path],
+        max_shard_size: int,
+        overwrite: bool,
+    ) -> None:
+        self.final = final
+        self.overwrite = overwrite
+        self.extra_files = extra_files
+        self.provenance = provenance
+        self.tmp = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}"
+        with_aliases = list(tensors) + [(a, dict(tensors)[c]) for a, c in aliases.items()]
+        self.aliases_of: dict[str, list[str]] = {}
+        for a, c in aliases.items():
+            self.aliases_of.setdefault(c, []).append(a)
+        self.shards = shard_layout(with_aliases, max_shard_size)
+        self.names = shard_names(len(self.shards))
+        self.slots: dict[str, _Slot] = {}
+        self.fds: list[int] = []
+        self.sizes: list[int] = []
+        self.total_size = sum(i.nbytes for _, i in with_aliases)
+
+    def open(self) -> None:
+        meta = {"format": "pt", "ckptavg": json.dumps(self.provenance, sort_keys=True)}
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+            for i, shard in enumerate(self.shards):
+                header: dict[str, object] = {"__metadata__": meta}
+                begin = 0
+                for name, info in shard:
+                    header[name] = {
+                        "dtype": DTYPE_NAMES[info.dtype],
+                        "shape": list(info.shape),
+                        "data_offsets": [begin, begin + info.nbytes],
+                    }
+                    begin += info.nbytes
+                raw = json.dumps(header, separators=(",", ":")).encode()
+                raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
+                data_start = 8 + len(raw)
+                path = self.tmp / self.names[i]
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self.fds.append(fd)
+                size = data_start + begin
+                self.sizes.append(size)
+                if size:
+                    os.posix_fallocate(fd, 0, size)
+                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+                begin = 0
+                for name, info in shard:
+                    self.slots[name] = _Slot(i, data_start + begin, info.dtype.itemsize)
+                    begin += info.nbytes
+        except OSError as e:
+            self.abort()
+            raise _os_error(e, self.final, self.total_size) from e
+
+    def write(self, name: str, start: int, data: torch.Tensor) -> None:
+        raw = memoryview(data.contiguous().view(torch.uint8).numpy())  # type: ignore[arg-type]
+        try:
+            for target in (name, *self.aliases_of.get(name, ())):
+                slot = self.slots[target]
+                offset = slot.offset + start * slot.itemsize
+                fd = self.fds[slot.fd_index]
+                done = 0
+                while done < len(raw):
+                    done += os.pwrite(fd, raw[done:], offset + done)
+        except OSError as e:
+            raise _os_error(e, self.final, self.total_size) from e
+
+    def commit(self) -> Path:
+        try:
+            if len(self.shards) > 1:
+                weight_map = {n: self.names[i] for i, s in enumerate(self.shards) for n, _ in s}
+                index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+                (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for f in self.extra_files:
+                shutil.copy2(f, self.tmp / f.name)
+            (self.tmp / PROVENANCE_FILE).write_text(json.dumps(self.provenance, indent=2, sort_keys=True) + "\n")
+            for fd in self.fds:
+                os.fsync(fd)
+                os.close(fd)
+            self.fds = []
+            old = None
+            if self.final.exists():
+                if not self.overwrite:
+                    raise OutputError(f"{self.final}: appeared while we were writing it; not replaced")
+                old = self.final.parent / f".{self.final.name}{TMP_MARK}old-{os.getpid()}"
+                os.rename(self.final, old)
+            os.rename(self.tmp, self.final)
+            _fsync_dir(self.final.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            self.abort()
+            raise _os_error(e, self.final, self.total_size) from e
+        return self.final
+
+    def abort(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error(e: OSError, target: Path, nbytes: int) -> OutputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{target}: no space left on device (this output needs {nbytes / 1e9:.2f} GB)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return OutputError(f"{target}: cannot write there ({e.strerror})")
+    return OutputError(f"{target}: {e.strerror or e}")

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+SHAPES = {"embed.weight": (37, 41), "layer.w": (5000,), "layer.b": (3,), "head.weight": (41, 37), "scalar": ()}
+
+
+def random_state(step: int, dtype: torch.dtype, shapes: dict[str, tuple[int, ...]] = SHAPES) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {
+        n: (torch.randn(s, generator=g, dtype=torch.float64) * (1 + step / 1000)).to(dtype) for n, s in shapes.items()
+    }
+
+
+@pytest.fixture
+def make_st_run(tmp_path: Path) -> Callable[..., dict[int, dict[str, torch.Tensor]]]:
+    """A run of step folders holding model.safetensors of random tensors (sizes straddle chunk borders)."""
+
+    def make(
+        steps: list[int],
+        dtype: torch.dtype = torch.float16,
+        root: Path | None = None,
+        shapes: dict[str, tuple[int, ...]] = SHAPES,
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        root = root or tmp_path / "run"
+        out = {}
+        for s in steps:
+            (root / f"step{s}").mkdir(parents=True, exist_ok=True)
+            state = random_state(s, dtype, shapes)
+            save_file(state, root / f"step{s}" / "model.safetensors", metadata={"format": "pt"})
+            (root / f"step{s}" / "config.json").write_text(json.dumps({"model_type": "toy", "step": s}) + "\n")
+            out[s] = state
+        return out
+
+    return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device here (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
