@@ -19,7 +19,7 @@ import click
 
 from ckptavg import __version__, api
 from ckptavg.errors import CkptavgError
-from ckptavg.progress import Reporter
+from ckptavg.progress import Reporter, human_bytes
 from ckptavg.steps import STEP_RANGE
 from ckptavg.writers import parse_size
 
@@ -130,7 +130,7 @@ def _emit_plan(plan: api.Plan, as_json: bool) -> None:
             step = "-" if row["step"] is None else row["step"]
             click.echo(
                 f"{row['out']}\t{row['method']}\tstep={step}\tmembers={members}\tweights={weights}\t"
-                f"read={row['bytes_to_read'] / 1e9:.3f}GB"
+                f"read={human_bytes(row['bytes_to_read']).replace(' ', '')}"
             )
 
 

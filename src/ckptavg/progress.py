@@ -59,7 +59,7 @@ class Reporter:
         if not self.quiet:
             secs = time.perf_counter() - self.t0
             self.console.print(
-                f"ckptavg: wrote {path} ({detail}, {secs:.1f} s, {nbytes / 1e9:.2f} GB read)",
+                f"ckptavg: wrote {path} ({detail}, {secs:.1f} s, {human_bytes(nbytes)} read)",
                 highlight=False,
                 markup=False,
                 soft_wrap=True,
@@ -68,3 +68,10 @@ class Reporter:
     def log(self, message: str) -> None:
         if not self.quiet:
             self.console.print(f"ckptavg: {message}", highlight=False, markup=False, soft_wrap=True)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

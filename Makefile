@@ -1,0 +1,41 @@
+# One command installs, one runs the example, one tests. `.ci/run` runs `make install && make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A bare `torch` requirement can pull a multi-GB CUDA build; install the one you want first.
+TORCH ?= torch==2.13.0
+EXAMPLE_OUT ?= examples/out
+
+.PHONY: install test lint example example-data bench clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+
+test:
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy src
+
+# LAWA, EMA and SWA over the tiny Pythia-layout run that ships in examples/ (about 5 s, mostly start-up).
+example:
+	$(BIN)/ckptavg ls examples/tiny-run
+	$(BIN)/ckptavg lawa examples/tiny-run --steps 5000:10000 --k 5 --interval 1000 --out $(EXAMPLE_OUT)/lawa
+	$(BIN)/ckptavg ema examples/tiny-run --steps 1000:10000 --decay 0.9 --interval 3000 --out $(EXAMPLE_OUT)/ema
+	$(BIN)/ckptavg swa examples/tiny-run --steps 6000:10000 --start 6000 --every 1000 --interval 2000 --out $(EXAMPLE_OUT)/swa
+
+# Regenerate the example run (real files: transformers config/tokenizer, torch.save'd fp16 .bin).
+example-data:
+	rm -rf examples/tiny-run
+	$(BIN)/python tests/factories.py examples/tiny-run
+
+bench:
+	bash benchmarks/run.sh
+
+clean:
+	rm -rf $(EXAMPLE_OUT) .pytest_cache .ruff_cache .mypy_cache
