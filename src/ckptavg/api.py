@@ -284,18 +284,25 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
         members=plan.members,
         names=list(infos),
         infos=infos,
-        reducer=_reducer(plan, windows, DTYPES[opts.accumulate], device),
+        reducer=_reducer(plan, windows, opts, device),
         out_dtype=dtype_of,
         sink=lambda j, name, start, data: writers[j].write(name, start, data),
         allow_nonfinite=opts.allow_nonfinite,
         chunk=opts.chunk,
-        on_tensor_done=lambda name, nbytes: reporter.advance(nbytes),
     )
+
+    def tensor_done(count: int, nbytes: int) -> None:
+        for w in writers:
+            w.tensor_done(count)
+        reporter.advance(nbytes)
+
+    job.on_tensor_done = tensor_done
     created = [p for p in {o.parent for o in plan.outputs} if not p.exists()]
     t0 = time.perf_counter()
     try:
-        for w in writers:
-            w.open()
+        job.skip = min(w.open() for w in writers)
+        if job.skip:
+            reporter.log(f"resuming an interrupted run after {job.skip} of {len(infos)} tensors")
         reporter.start(sum(sum(plan.members[m].nbytes for m in w.steps) for w in windows), len(windows))
         engine.run(job)
         reporter.stop()
@@ -323,11 +330,15 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     return list(plan.outputs)
 
 
-def _reducer(plan: Plan, windows: list[Window], acc: torch.dtype, device: torch.device) -> engine.Reducer:
-    if plan.method == "lawa":
-        return engine.UniformReducer(windows, int(plan.params["k_stepsize"]), acc, device)
-    if plan.method == "swa":
-        return engine.UniformReducer(windows, int(plan.params["every"]), acc, device)
+def _reducer(plan: Plan, windows: list[Window], opts: Options, device: torch.device) -> engine.Reducer:
+    acc = DTYPES[opts.accumulate]
+    if plan.method in ("lawa", "swa"):
+        stride = int(plan.params["k_stepsize" if plan.method == "lawa" else "every"])
+        uniform = engine.UniformReducer(windows, stride, acc, device)
+        # With NaN/Inf let through, a subtracted running sum would carry an Inf into windows that never
+        # held it (inf - inf = nan): sum each window on its own instead, at k additions per checkpoint.
+        if not (opts.allow_nonfinite and uniform.overlapping):
+            return uniform
     if plan.method == "ema":
         return engine.EmaReducer(windows, float(plan.params["decay"]), acc, device)
     return engine.WeightedReducer(windows, acc, device)

@@ -181,14 +181,15 @@ class Job:
     sink: Sink
     allow_nonfinite: bool = False
     chunk: int = DEFAULT_CHUNK
-    on_tensor_done: Callable[[str, int], None] | None = None  # (name, bytes read) for progress
+    skip: int = 0  # tensors (in ``names`` order) already written by an earlier, killed run
+    on_tensor_done: Callable[[int, int], None] | None = None  # (tensors done so far, bytes read)
 
 
 def run(job: Job) -> int:
     """Stream every tensor through the reducer into the sink; returns the number of bytes read."""
     order = sorted({m for w in job.windows for m in w.steps})
     schedule: list[tuple[Checkpoint, str, int, int]] = []
-    for name in job.names:
+    for name in job.names[job.skip :]:
         info = job.infos[name]
         if not is_averaged(name, info):
             continue
@@ -199,7 +200,9 @@ def run(job: Job) -> int:
     reads = _Prefetch(schedule, job.chunk * itemsize)
     total = 0
     try:
-        for name in job.names:
+        for index, name in enumerate(job.names):
+            if index < job.skip:
+                continue
             info = job.infos[name]
             done = 0
             if not is_averaged(name, info):
@@ -218,7 +221,7 @@ def run(job: Job) -> int:
                             job.sink(j, name, start, out.cpu())
             total += done
             if job.on_tensor_done:
-                job.on_tensor_done(name, done)
+                job.on_tensor_done(index + 1, done)
     finally:
         reads.close()
     return total

@@ -6,11 +6,16 @@ memory. Space for every file is reserved up front (a full disk fails before the 
 folder is built under a hidden temporary name beside the target and renamed into place only when
 complete, so a folder with the target's name is always whole; ``ckptavg.json`` inside it says which plan
 made it, which is how a rerun recognises finished outputs and skips them.
+
+The temporary name carries the plan's id, and a small ``progress.json`` in it counts the tensors fully
+written. A run killed outright (SIGKILL, out of memory, a lost node) leaves that folder behind, and the
+same command later resumes after the last finished tensor instead of starting over.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -25,6 +30,8 @@ from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.sources.safetensors_file import DTYPE_NAMES
 
 TMP_MARK = ".ckptavg-tmp-"
+_PROGRESS = "progress.json"  # inside the temporary folder only; never in a finished output
+_PROGRESS_WIDTH = 128
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,9 @@ class FolderWriter:
         self.overwrite = overwrite
         self.extra_files = extra_files
         self.provenance = provenance
-        self.tmp = final.parent / f".{final.name}{TMP_MARK}{os.getpid()}"
+        self.tmp = final.parent / f".{final.name}{TMP_MARK}{provenance.get('plan_id', os.getpid())}"
+        self._lock_fd = -1
+        self._progress = -1
         with_aliases = list(tensors) + [(a, dict(tensors)[c]) for a, c in aliases.items()]
         self.aliases_of: dict[str, list[str]] = {}
         for a, c in aliases.items():
@@ -103,13 +112,24 @@ class FolderWriter:
         self.sizes: list[int] = []
         self.total_size = sum(i.nbytes for _, i in with_aliases)
 
-    def open(self) -> None:
+    def open(self) -> int:
+        """Create the temporary folder, or take up the one a killed run of the same plan left behind.
+
+        Returns how many tensors (in layout order) that earlier run had finished writing: the engine
+        starts after them. The folder is locked (flock) so that two processes never write one output.
+        """
         meta = {"format": "pt", "ckptavg": json.dumps(self.provenance, sort_keys=True)}
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir()
+            self._remove_stale()
+            self.tmp.mkdir(exist_ok=True)
+            self._lock()  # before touching anything in it
+            done = self._resumable()
+            if done is None:
+                for p in self.tmp.iterdir():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                done = 0
+            flags = os.O_RDWR | os.O_CREAT | (0 if done else os.O_TRUNC)
             for i, shard in enumerate(self.shards):
                 header: dict[str, object] = {"__metadata__": meta}
                 begin = 0
@@ -123,11 +143,9 @@ class FolderWriter:
                 raw = json.dumps(header, separators=(",", ":")).encode()
                 raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
                 data_start = 8 + len(raw)
-                path = self.tmp / self.names[i]
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(self.tmp / self.names[i], flags, 0o644)
                 self.fds.append(fd)
                 size = data_start + begin
-                self.sizes.append(size)
                 if size:
                     os.posix_fallocate(fd, 0, size)
                 os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
@@ -135,9 +153,52 @@ class FolderWriter:
                 for name, info in shard:
                     self.slots[name] = _Slot(i, data_start + begin, info.dtype.itemsize)
                     begin += info.nbytes
+            self._progress = os.open(self.tmp / _PROGRESS, os.O_RDWR | os.O_CREAT, 0o644)
+            self.tensor_done(done)
         except OSError as e:
             self.abort()
             raise _os_error(e, self.final, self.total_size) from e
+        return done
+
+    def tensor_done(self, count: int) -> None:
+        """Record that the first ``count`` tensors are fully written (what a resumed run may skip)."""
+        record = json.dumps({"plan_id": self.provenance.get("plan_id"), "tensors_done": count}).encode()
+        os.pwrite(self._progress, record.ljust(_PROGRESS_WIDTH), 0)
+
+    def _resumable(self) -> int | None:
+        try:
+            record = json.loads((self.tmp / _PROGRESS).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("plan_id") != self.provenance.get("plan_id"):
+            return None
+        if not all((self.tmp / n).is_file() for n in self.names):
+            return None
+        done = record.get("tensors_done")
+        return done if isinstance(done, int) and done > 0 else None
+
+    def _lock(self) -> None:
+        self._lock_fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise OutputError(f"{self.final}: another ckptavg process is writing this output") from e
+
+    def _remove_stale(self) -> None:
+        """Temporary folders of other plans for this output: left by killed runs, useless now."""
+        for p in self.final.parent.glob(f".{self.final.name}{TMP_MARK}*"):
+            if p == self.tmp or not p.is_dir():
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # alive: another process works on it
+            finally:
+                os.close(fd)
+            shutil.rmtree(p, ignore_errors=True)
 
     def write(self, name: str, start: int, data: torch.Tensor) -> None:
         raw = memoryview(data.contiguous().view(torch.uint8).numpy())  # type: ignore[arg-type]
@@ -165,6 +226,9 @@ class FolderWriter:
                 os.fsync(fd)
                 os.close(fd)
             self.fds = []
+            os.close(self._progress)
+            self._progress = -1
+            (self.tmp / _PROGRESS).unlink()
             old = None
             if self.final.exists():
                 if not self.overwrite:
@@ -175,19 +239,30 @@ class FolderWriter:
             _fsync_dir(self.final.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+            self._unlock()
         except OSError as e:
             self.abort()
             raise _os_error(e, self.final, self.total_size) from e
         return self.final
 
-    def abort(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    def abort(self, keep: bool = False) -> None:
+        """Close everything; remove the temporary folder unless ``keep`` (to resume it later)."""
+        for fd in [*self.fds, self._progress]:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self.fds = []
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._progress = -1
+        if not keep and self._lock_fd >= 0:  # only a folder we hold: never another process's
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,0 +1,75 @@
+"""A run killed outright resumes after its last finished tensor; reruns skip finished outputs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+SHAPES = {f"t{i}": (300_000,) for i in range(8)}
+
+
+def start(run: Path, out: Path) -> subprocess.Popen[str]:
+    args = ["lawa", str(run), "--steps", "5000:6000", "--k", "5", "--out", str(out), "--chunk", "2048"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "ckptavg", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_killed_run_resumes_where_it_stopped(make_st_run, tmp_path: Path):
+    make_st_run(list(range(1000, 6001, 1000)), torch.float32, shapes=SHAPES)
+    run, out = tmp_path / "run", tmp_path / "out"
+    proc = start(run, out)
+    progress = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(out.glob(".step6000.ckptavg-tmp-*/progress.json"))
+        if found:
+            record = json.loads(found[0].read_bytes())
+            if record["tensors_done"] >= 2:
+                progress = record
+                break
+        time.sleep(0.005)
+    assert progress is not None, "the run finished before it could be killed; make it slower"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "step6000").exists()  # nothing with the output's name until it is whole
+    assert len(list(out.glob(".step6000.ckptavg-tmp-*"))) == 1
+
+    again = start(run, out)
+    stdout, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0, stderr
+    assert "resuming an interrupted run after" in stderr
+    assert stdout.splitlines() == [str(out / "step5000"), str(out / "step6000")]
+    assert not list(out.glob(".*"))  # temporary folders gone
+
+    ref = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptavg",
+            "lawa",
+            str(run),
+            "--steps",
+            "5000:6000",
+            "--k",
+            "5",
+            "--out",
+            str(tmp_path / "ref"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ref.returncode == 0
+    for step in ("step5000", "step6000"):
+        a = load_file(out / step / "model.safetensors")
+        b = load_file(tmp_path / "ref" / step / "model.safetensors")
+        assert all(torch.equal(a[n], b[n]) for n in b)
+        assert not (out / step / "progress.json").exists()
