@@ -13,15 +13,19 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ckptavg import __version__, api
+from ckptavg import __version__
 from ckptavg.errors import CkptavgError
-from ckptavg.progress import Reporter, human_bytes
 from ckptavg.steps import STEP_RANGE
-from ckptavg.writers import parse_size
+
+if TYPE_CHECKING:
+    from ckptavg.api import Plan
+
+# torch takes a second to import: commands import the library when they run, so --help is instant.
+OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 class _Cli(click.Group):
@@ -48,6 +52,29 @@ def cli() -> None:
     ckptavg swa  runs/pythia-70m --steps 107000:143000 --start 107000 --every 1000 --out swa/
     ckptavg avg  a/ b/ c/ --weights 0.2,0.3,0.5 --out soup/
     """
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count (decimal units, as transformers reads them)."""
+    t = text.strip().upper().replace(" ", "")
+    units = {
+        "KIB": 1 << 10,
+        "MIB": 1 << 20,
+        "GIB": 1 << 30,
+        "TIB": 1 << 40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
+    for unit, mult in units.items():
+        number = t[: -len(unit)]
+        if t.endswith(unit) and number.replace(".", "", 1).isdigit():
+            return int(float(number) * mult)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -84,7 +111,7 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--dtype",
-                type=click.Choice(sorted(api.DTYPES)),
+                type=click.Choice(OUTPUT_DTYPES),
                 default=None,
                 help="Output dtype of averaged tensors [default: the input's].",
             ),
@@ -113,15 +140,18 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 help="Load legacy (non-zip) torch pickles whole into memory (weights_only still applies).",
             ),
             click.option("--quiet", "-q", is_flag=True, help="No progress or log lines on stderr."),
-            click.option("--chunk", type=click.IntRange(min=1024), default=api.engine.DEFAULT_CHUNK, hidden=True),
+            click.option("--chunk", type=click.IntRange(min=1024), default=None, hidden=True),
         ]
     ):
         f = opt(f)
     return f
 
 
-def _emit_plan(plan: api.Plan, as_json: bool) -> None:
-    for row in api.describe(plan):
+def _emit_plan(plan: Plan, as_json: bool) -> None:
+    from ckptavg.api import describe
+    from ckptavg.progress import human_bytes
+
+    for row in describe(plan):
         if as_json:
             click.echo(json.dumps(row))
         else:
@@ -134,7 +164,10 @@ def _emit_plan(plan: api.Plan, as_json: bool) -> None:
             )
 
 
-def _execute(plan: api.Plan, kw: dict[str, Any]) -> None:
+def _execute(plan: Plan, kw: dict[str, Any]) -> None:
+    from ckptavg import api
+    from ckptavg.progress import Reporter
+
     if kw["dry_run"]:
         _emit_plan(plan, kw["as_json"])
         return
@@ -148,7 +181,7 @@ def _execute(plan: api.Plan, kw: dict[str, Any]) -> None:
         max_shard_size=kw["max_shard_size"],
         allow_nonfinite=kw["allow_nonfinite"],
         write_ckpt=kw["fmt"] == "ckpt",
-        chunk=kw["chunk"],
+        chunk=kw["chunk"] or api.engine.DEFAULT_CHUNK,
     )
     for path in api.average(plan, opts, Reporter(quiet=kw["quiet"])):
         click.echo(json.dumps({"out": str(path)}) if kw["as_json"] else str(path))
@@ -182,6 +215,8 @@ def lawa(run: str, steps: Any, k: int, k_stepsize: int | None, interval: int | N
     ckptavg lawa runs/pythia-70m --steps 21000:141000 --k 5 --interval 3000 --out averaged/
     ckptavg lawa runs/nanogpt/ --steps 2000:70000 --k 5 --k-stepsize 1000 --interval 1000 --out lawa/
     """
+    from ckptavg import api
+
     plan = api.plan_lawa(
         run, steps, k=k, interval=interval, k_stepsize=k_stepsize, out=kw["out"], allow_legacy=kw["allow_legacy_pickle"]
     )
@@ -206,6 +241,8 @@ def ema(run: str, steps: Any, decay: float, interval: int | None, every: int | N
     \b
     ckptavg ema runs/pythia-70m --decay 0.9 --steps 1000:143000 --interval 3000 --out ema/
     """
+    from ckptavg import api
+
     plan = api.plan_ema(
         run, steps, decay=decay, interval=interval, every=every, out=kw["out"], allow_legacy=kw["allow_legacy_pickle"]
     )
@@ -225,6 +262,8 @@ def swa(run: str, steps: Any, start: int | None, every: int | None, interval: in
     \b
     ckptavg swa runs/pythia-70m --start 107000 --every 1000 --steps 107000:143000 --out swa/
     """
+    from ckptavg import api
+
     plan = api.plan_swa(
         run, steps, start=start, every=every, interval=interval, out=kw["out"], allow_legacy=kw["allow_legacy_pickle"]
     )
@@ -241,6 +280,8 @@ def avg(checkpoints: tuple[str, ...], weights: str | None, **kw: Any) -> None:
     \b
     ckptavg avg a/ b/ c/ --weights 0.2,0.3,0.5 --out soup/
     """
+    from ckptavg import api
+
     parsed = None
     if weights is not None:
         try:
@@ -286,6 +327,8 @@ def plan(
     ckptavg plan runs/pythia-70m --steps 21000:141000 --k 5 --interval 3000
     ckptavg plan runs/pythia-70m --method ema --steps 1000:143000 --interval 3000 --json
     """
+    from ckptavg import api
+
     legacy = allow_legacy_pickle
     if method == "lawa":
         p = api.plan_lawa(run, steps, k=k, interval=interval, k_stepsize=k_stepsize, out=out, allow_legacy=legacy)
@@ -306,6 +349,8 @@ def ls_(run: str, as_json: bool, allow_legacy_pickle: bool) -> None:
     \b
     ckptavg ls runs/pythia-70m
     """
+    from ckptavg import api
+
     for row in api.list_checkpoints(run, allow_legacy=allow_legacy_pickle):
         if as_json:
             click.echo(json.dumps(row))

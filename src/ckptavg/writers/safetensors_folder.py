@@ -41,28 +41,6 @@ class _Slot:
     itemsize: int
 
 
-def parse_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``2GiB`` or a byte count (decimal units, as transformers reads them)."""
-    t = text.strip().upper().replace(" ", "")
-    units = {
-        "KIB": 1 << 10,
-        "MIB": 1 << 20,
-        "GIB": 1 << 30,
-        "TIB": 1 << 40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "B": 1,
-    }
-    for unit, mult in units.items():
-        if t.endswith(unit) and t[: -len(unit)].replace(".", "", 1).isdigit():
-            return int(float(t[: -len(unit)]) * mult)
-    if t.isdigit():
-        return int(t)
-    raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
-
-
 def shard_layout(tensors: list[tuple[str, TensorInfo]], max_shard_size: int) -> list[list[tuple[str, TensorInfo]]]:
     """Greedy split in tensor order; a tensor larger than the limit gets a shard of its own."""
     shards: list[list[tuple[str, TensorInfo]]] = [[]]
