@@ -193,3 +193,17 @@ def test_disk_names_match_transformers(tmp_path: Path):
     write_pythia_step(tmp_path / "st", 1000, fmt="safetensors")
     on_disk = load_file(tmp_path / "st" / "model.safetensors")
     assert set(on_disk) == set(to_disk_names(neox_state(1000)))
+
+
+def test_dtype_option_is_announced_in_config(tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    write_pythia_run(tmp_path / "run", STEPS, tokenizer=False)
+    lawa(tmp_path / "run", tmp_path / "out", dtype="float32")
+    out = tmp_path / "out" / "step4000"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    weights = load_file(out / "model.safetensors")
+    assert weights["gpt_neox.embed_in.weight"].dtype == torch.float32
+    assert weights["gpt_neox.layers.0.attention.rotary_emb.inv_freq"].dtype == torch.float16  # copied as is
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert model.dtype == torch.float32

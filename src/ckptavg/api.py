@@ -274,6 +274,7 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
             aliases=ref.aliases,
             provenance=records[j],
             extra_files=plan.members[plan.windows[j].steps[-1]].extra_files,
+            config_dtype=opts.dtype,
             max_shard_size=opts.max_shard_size if not opts.write_ckpt else 1 << 62,
             overwrite=opts.overwrite,
         )

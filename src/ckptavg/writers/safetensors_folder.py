@@ -69,12 +69,14 @@ class FolderWriter:
         aliases: dict[str, str],
         provenance: dict[str, object],
         extra_files: list[Path],
+        config_dtype: str | None = None,
         max_shard_size: int,
         overwrite: bool,
     ) -> None:
         self.final = final
         self.overwrite = overwrite
         self.extra_files = extra_files
+        self.config_dtype = config_dtype  # --dtype: config.json should announce the dtype we wrote
         self.provenance = provenance
         self.tmp = final.parent / f".{final.name}{TMP_MARK}{provenance.get('plan_id', os.getpid())}"
         self._lock_fd = -1
@@ -198,7 +200,10 @@ class FolderWriter:
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
                 (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             for f in self.extra_files:
-                shutil.copy2(f, self.tmp / f.name)
+                if f.name == "config.json" and self.config_dtype:
+                    _write_config_dtype(f, self.tmp / f.name, self.config_dtype)
+                else:
+                    shutil.copy2(f, self.tmp / f.name)
             (self.tmp / PROVENANCE_FILE).write_text(json.dumps(self.provenance, indent=2, sort_keys=True) + "\n")
             for fd in self.fds:
                 os.fsync(fd)
@@ -241,6 +246,19 @@ class FolderWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _write_config_dtype(src: Path, dst: Path, dtype: str) -> None:
+    """Copy a transformers config.json, setting its dtype (``torch_dtype`` before transformers 5)."""
+    try:
+        config = json.loads(src.read_text())
+    except ValueError:
+        shutil.copy2(src, dst)  # not ours to judge: copied as it is
+        return
+    for key in ("torch_dtype", "dtype"):
+        if key in config or key == "dtype":
+            config[key] = dtype
+    dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _fsync_dir(path: Path) -> None:
