@@ -17,11 +17,13 @@ Reducers keep running state instead of re-adding a checkpoint once per window it
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -296,8 +298,8 @@ def _run(job: Job) -> int:
             schedule.extend((job.members[m], name, start, stop) for m in order)
     itemsize = max((i.dtype.itemsize for i in job.infos.values()), default=1)
     reads = _Prefetch(schedule, job.chunk * itemsize)
+    writes = _WriteBehind(job.sink, job.chunk * max(itemsize, 8))
     total = 0
-    casts: dict[torch.dtype, torch.Tensor] = {}
     try:
         for index, name in enumerate(job.names):
             if index < job.skip:
@@ -305,8 +307,9 @@ def _run(job: Job) -> int:
             info = job.infos[name]
             done = 0
             if not is_averaged(name, info):
-                done = _copy_newest(job, name, info)
+                done = _copy_newest(job, name, info, writes)
             else:
+                dtype = job.out_dtype(name, info)
                 for start in range(0, max(info.numel, 1), job.chunk):
                     stop = min(start + job.chunk, info.numel)
                     job.reducer.begin(stop - start)
@@ -314,27 +317,22 @@ def _run(job: Job) -> int:
                         x = next(reads)
                         done += x.numel() * x.element_size()
                         for j, mean in job.reducer.feed(m, x):
-                            dtype = job.out_dtype(name, info)
-                            out = mean if mean.dtype == dtype else _cast_buffer(casts, dtype, mean).copy_(mean)
+                            slot, out = writes.buffer(dtype, mean.numel())
+                            out.copy_(mean)
                             if not job.allow_nonfinite and not _finite(mean, out):
                                 _blame_nonfinite(job, j, name, start, stop)
-                            job.sink(j, name, start, out.cpu())
+                            writes.submit(slot, j, name, start, out)
             total += done
             if job.on_tensor_done:
-                job.on_tensor_done(index + 1, done)
+                writes.call(functools.partial(job.on_tensor_done, index + 1, done))
+        writes.close()
     finally:
         reads.close()
+        writes.close(discard=True)
     return total
 
 
-def _cast_buffer(casts: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-    buf = casts.get(dtype)
-    if buf is None or buf.numel() < like.numel():
-        buf = casts[dtype] = torch.empty(like.numel(), dtype=dtype, device=like.device)
-    return buf[: like.numel()]
-
-
-def _copy_newest(job: Job, name: str, info: TensorInfo) -> int:
+def _copy_newest(job: Job, name: str, info: TensorInfo, writes: _WriteBehind) -> int:
     buf = torch.empty(job.chunk * info.dtype.itemsize, dtype=torch.uint8)
     read = 0
     for j, w in enumerate(job.windows):
@@ -343,7 +341,8 @@ def _copy_newest(job: Job, name: str, info: TensorInfo) -> int:
             stop = min(start + job.chunk, info.numel)
             x = newest.read(name, start, stop, buf)
             read += x.numel() * x.element_size()
-            job.sink(j, name, start, x.clone())
+            slot, out = writes.buffer(info.dtype, x.numel())
+            writes.submit(slot, j, name, start, out.copy_(x))
     return read
 
 
@@ -369,6 +368,78 @@ def _blame_nonfinite(job: Job, j: int, name: str, start: int, stop: int) -> None
 
 
 _DONE = object()
+
+
+class _WriteBehind:
+    """Hands finished chunks to the sink on a thread, so that writing (which blocks once the kernel's
+    dirty-page limit is reached) overlaps the arithmetic. Chunks live in a ring of slots; a slot is free
+    again once written. Callables queued with ``call`` run after every chunk submitted before them
+    (progress records must not claim a tensor before its bytes are written)."""
+
+    def __init__(self, sink: Sink, slot_bytes: int, depth: int = 8):
+        self.sink = sink
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(depth)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(depth):
+            self.free.put(i)
+        self.jobs: queue.Queue[object] = queue.Queue()
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="ckptavg-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            try:
+                if self.error is None:
+                    if callable(item):
+                        item()
+                    else:
+                        _, j, name, start, data = cast(tuple[int, int, str, int, torch.Tensor], item)
+                        self.sink(j, name, start, data)
+            except BaseException as e:  # raised again in the main thread; keep draining so it never blocks
+                self.error = e
+            if not callable(item):
+                self.free.put(item[0])  # type: ignore[index]
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def buffer(self, dtype: torch.dtype, n: int) -> tuple[int, torch.Tensor]:
+        while True:
+            self._check()
+            try:
+                slot = self.free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
+        return slot, self.slots[slot][: n * dtype.itemsize].view(dtype)
+
+    def submit(self, slot: int, j: int, name: str, start: int, data: torch.Tensor) -> None:
+        self.jobs.put((slot, j, name, start, data))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        self.jobs.put(fn)
+
+    def close(self, discard: bool = False) -> None:
+        """Wait for every queued write; with ``discard`` (on the way out of an error), just stop."""
+        if self.closed:
+            return
+        self.closed = True
+        if discard:
+            self.error = self.error or _Discarded()
+        self.jobs.put(None)
+        self.thread.join()
+        if not discard:
+            self._check()
+
+
+class _Discarded(Exception):
+    """Set as the writer's error when a run is abandoned, so queued writes are skipped."""
 
 
 class _Prefetch:
