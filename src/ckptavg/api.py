@@ -62,7 +62,7 @@ class Options:
     max_shard_size: int = 5 * 10**9
     allow_nonfinite: bool = False
     write_ckpt: bool = False  # nanoGPT sources: also write ckpt.pt
-    chunk: int = engine.DEFAULT_CHUNK
+    chunk: int | None = None  # elements per chunk (tests use small ones); default: engine.CHUNK_BYTES
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -181,7 +181,7 @@ def _execute(plan: Plan, kw: dict[str, Any]) -> None:
         max_shard_size=kw["max_shard_size"],
         allow_nonfinite=kw["allow_nonfinite"],
         write_ckpt=kw["fmt"] == "ckpt",
-        chunk=kw["chunk"] or api.engine.DEFAULT_CHUNK,
+        chunk=kw["chunk"],
     )
     for path in api.average(plan, opts, Reporter(quiet=kw["quiet"])):
         click.echo(json.dumps({"out": str(path)}) if kw["as_json"] else str(path))
