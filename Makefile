@@ -10,7 +10,6 @@ EXAMPLE_OUT ?= examples/out
 
 install:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 
