@@ -33,8 +33,11 @@ example-data:
 	rm -rf examples/tiny-run
 	$(BIN)/python tests/factories.py examples/tiny-run
 
+# Each scenario generates its synthetic checkpoints under BENCH_DATA first (tens of GB); see benchmarks/README.md.
 bench:
-	bash benchmarks/run.sh
+	$(BIN)/python benchmarks/run.py 1b-window --repeat 2
+	$(BIN)/python benchmarks/run.py 12b-slice-window --repeat 2
+	$(BIN)/python benchmarks/run.py 160m-trajectory --repeat 2
 
 clean:
 	rm -rf $(EXAMPLE_OUT) .pytest_cache .ruff_cache .mypy_cache

@@ -12,6 +12,7 @@ Example:
 Values are random (uniform, per-step seed) so generation is fast; only names, shapes, dtypes
 and byte sizes matter for the benchmark. Existing files with the expected size are skipped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,17 +26,29 @@ import torch
 
 # Values from the real Pythia config.json files on the Hugging Face hub (EleutherAI/pythia-*).
 PRESETS: dict[str, dict] = {
-    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        vocab_size=50304, intermediate_size=3072),
-    "pythia-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=8,
-                      vocab_size=50304, intermediate_size=8192),
+    "pythia-160m": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, vocab_size=50304, intermediate_size=3072
+    ),
+    "pythia-1b": dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, vocab_size=50304, intermediate_size=8192
+    ),
     # Two layers of pythia-12b (hidden 5120, 40 heads, vocab 50688, ffn 20480, 36 layers in the real one).
-    "12b-slice": dict(hidden_size=5120, num_hidden_layers=2, num_attention_heads=40,
-                      vocab_size=50688, intermediate_size=20480),
+    "12b-slice": dict(
+        hidden_size=5120, num_hidden_layers=2, num_attention_heads=40, vocab_size=50688, intermediate_size=20480
+    ),
 }
-COMMON = dict(rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048,
-              use_parallel_residual=True, tie_word_embeddings=False, layer_norm_eps=1e-5,
-              bos_token_id=0, eos_token_id=0, hidden_act="gelu", initializer_range=0.02)
+COMMON = dict(
+    rotary_pct=0.25,
+    rotary_emb_base=10000,
+    max_position_embeddings=2048,
+    use_parallel_residual=True,
+    tie_word_embeddings=False,
+    layer_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=0,
+    hidden_act="gelu",
+    initializer_range=0.02,
+)
 
 
 def parse_steps(spec: str) -> list[int]:
@@ -96,7 +109,7 @@ def make_state_dict(p: dict, seed: int, mask_dtype, inv_freq_dtype) -> dict[str,
         elif kind == "masked_bias":
             t = torch.tensor(-1e9).to(dtype)  # -inf once cast to fp16, as in Pythia's files
         elif kind == "inv_freq":
-            t = (1.0 / (COMMON["rotary_emb_base"] ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)))
+            t = 1.0 / (COMMON["rotary_emb_base"] ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
             t = t.to(dtype)
         else:  # pragma: no cover
             raise AssertionError(kind)
@@ -153,10 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
     ap.add_argument("--root", type=Path, required=True)
     ap.add_argument("--steps", required=True, help="START:STOP[:STRIDE] (inclusive) or a comma list")
-    ap.add_argument("--mask-dtype", choices=["bool", "uint8"], default="bool",
-                    help="dtype of the legacy attention.bias causal mask (Pythia files: bool)")
-    ap.add_argument("--inv-freq-dtype", choices=["float16", "float32"], default="float16",
-                    help="dtype of rotary_emb.inv_freq (Pythia's fp16 files: float16)")
+    ap.add_argument(
+        "--mask-dtype",
+        choices=["bool", "uint8"],
+        default="bool",
+        help="dtype of the legacy attention.bias causal mask (Pythia files: bool)",
+    )
+    ap.add_argument(
+        "--inv-freq-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="dtype of rotary_emb.inv_freq (Pythia's fp16 files: float16)",
+    )
     ap.add_argument("--force", action="store_true", help="rewrite files even if present")
     args = ap.parse_args(argv)
 
@@ -174,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             write_config(p, cfg_path)
         bin_path = d / "pytorch_model.bin"
         # torch.save adds a little zip/pickle overhead (well under 1 MB here) on top of the payload.
-        if (not args.force and bin_path.exists()
-                and payload <= bin_path.stat().st_size <= payload + (4 << 20) and archive_ok(bin_path)):
+        if (
+            not args.force
+            and bin_path.exists()
+            and payload <= bin_path.stat().st_size <= payload + (4 << 20)
+            and archive_ok(bin_path)
+        ):
             print(f"  step{step}: exists ({bin_path.stat().st_size / 1e9:.3f} GB), skipped", flush=True)
             continue
         t0 = time.perf_counter()
@@ -188,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, bin_path)
         del sd
         t2 = time.perf_counter()
-        print(f"  step{step}: generated {t1 - t0:.1f}s, saved {t2 - t1:.1f}s, "
-              f"{bin_path.stat().st_size / 1e9:.3f} GB", flush=True)
+        print(
+            f"  step{step}: generated {t1 - t0:.1f}s, saved {t2 - t1:.1f}s, {bin_path.stat().st_size / 1e9:.3f} GB",
+            flush=True,
+        )
     return 0
 
 

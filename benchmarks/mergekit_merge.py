@@ -13,6 +13,7 @@ By default each merge runs with --lazy-unpickle (mergekit's low-memory loader fo
 the issue asks); --no-lazy-unpickle uses mergekit's eager torch.load path instead. Flags this
 script does not know are passed on to mergekit-yaml.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from windows_arg import add_window_args, windows_from_args  # the script's folder is on sys.path
 
 DEFAULT_MERGEKIT = Path(os.environ.get("MERGEKIT_VENV", "/work/benchdata/mergekit-venv")) / "bin" / "mergekit-yaml"
 # --no-copy-tokenizer: the synthetic run folders have no tokenizer files.
@@ -39,24 +42,18 @@ def config_yaml(root: Path, steps: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path)
-    ap.add_argument("--window", action="append", default=[], help="comma list of member steps")
-    ap.add_argument("--lawa-ends", help="E1:E2 window end steps (inclusive), stride --interval")
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--interval", type=int, default=1000)
+    add_window_args(ap)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--mergekit", type=Path, default=DEFAULT_MERGEKIT, help="path to mergekit-yaml")
     ap.add_argument("--configs-only", action="store_true")
-    ap.add_argument("--no-lazy-unpickle", action="store_true",
-                    help="use mergekit's default (eager torch.load) loader instead of --lazy-unpickle")
+    ap.add_argument(
+        "--no-lazy-unpickle",
+        action="store_true",
+        help="use mergekit's default (eager torch.load) loader instead of --lazy-unpickle",
+    )
     args, extra = ap.parse_known_args(argv)  # unknown flags are passed on to mergekit-yaml
 
-    windows = [[int(s) for s in w.split(",")] for w in args.window]
-    if args.lawa_ends:
-        e1, e2 = (int(x) for x in args.lawa_ends.split(":"))
-        for e in range(e1, e2 + 1, args.interval):
-            windows.append([e - (args.k - 1 - i) * args.interval for i in range(args.k)])
-    if not windows:
-        ap.error("give --window or --lawa-ends")
+    windows = windows_from_args(ap, args)
     cfg_dir = args.out / "_configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     for w in windows:

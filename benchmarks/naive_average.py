@@ -9,6 +9,7 @@ float buffers (masked_bias = -inf) are averaged like everything else, as a naive
     naive_average.py ROOT --window 1000,2000,3000,4000,5000 [--window ...] --out OUT
     naive_average.py ROOT --lawa-ends 5000:20000 --k 5 --interval 1000 --out OUT
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from windows_arg import add_window_args, windows_from_args  # the script's folder is on sys.path
 
 
 def average_window(root: Path, steps: list[int], out_dir: Path) -> None:
@@ -48,20 +50,11 @@ def average_window(root: Path, steps: list[int], out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path)
-    ap.add_argument("--window", action="append", default=[], help="comma list of member steps")
-    ap.add_argument("--lawa-ends", help="E1:E2 window end steps (inclusive), stride --interval")
-    ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--interval", type=int, default=1000)
+    add_window_args(ap)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    windows = [[int(s) for s in w.split(",")] for w in args.window]
-    if args.lawa_ends:
-        e1, e2 = (int(x) for x in args.lawa_ends.split(":"))
-        for e in range(e1, e2 + 1, args.interval):
-            windows.append([e - (args.k - 1 - i) * args.interval for i in range(args.k)])
-    if not windows:
-        ap.error("give --window or --lawa-ends")
+    windows = windows_from_args(ap, args)
     for w in windows:
         average_window(args.root, w, args.out / f"step{w[-1]}")
         print(f"averaged {w} -> {args.out / f'step{w[-1]}'}", flush=True)
