@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +63,9 @@ class Options:
     allow_nonfinite: bool = False
     write_ckpt: bool = False  # nanoGPT sources: also write ckpt.pt
     chunk: int | None = None  # elements per chunk (tests use small ones); default: engine.CHUNK_BYTES
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- planning
-
-
-def _run(source: str, allow_legacy: bool) -> Run:
-    return open_run(source, allow_legacy=allow_legacy)
 
 
 def _plan_from_run(run: Run, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
@@ -90,7 +85,7 @@ def plan_lawa(
     k_stepsize: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = _run(source, allow_legacy)
+    run = open_run(source, allow_legacy=allow_legacy)
     spacing = checkpoint_spacing(run.steps)
     nu = k_stepsize or spacing
     every = interval or steps.every or spacing
@@ -108,7 +103,7 @@ def plan_ema(
     every: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = _run(source, allow_legacy)
+    run = open_run(source, allow_legacy=allow_legacy)
     ends = interval or steps.every or checkpoint_spacing(run.steps)
     windows = ema_windows(run.steps, steps, decay=decay, interval=ends, every=every, source=run.label)
     params = {"decay": decay, "interval": ends, "every": every, "steps": str(steps)}
@@ -125,7 +120,7 @@ def plan_swa(
     interval: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = _run(source, allow_legacy)
+    run = open_run(source, allow_legacy=allow_legacy)
     first = steps.start if start is None else start
     stride = every or checkpoint_spacing(run.steps)
     ends = interval or steps.every or stride
@@ -304,7 +299,7 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
         job.skip = min(w.open() for w in writers)
         if job.skip:
             reporter.log(f"resuming an interrupted run after {job.skip} of {len(infos)} tensors")
-        reporter.start(sum(sum(plan.members[m].nbytes for m in w.steps) for w in windows), len(windows))
+        reporter.start(sum(plan.members[m].nbytes for m in {m for w in windows for m in w.steps}), len(windows))
         engine.run(job)
         reporter.stop()
         for j, w in zip(todo, writers, strict=True):
