@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +239,7 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {opts.dtype}")
     device = _device(opts.device)
+    _raise_open_file_limit()
     records = [provenance(plan, j, opts) for j in range(len(plan.windows))]
     todo = []
     for j, out in enumerate(plan.outputs):
@@ -347,6 +349,17 @@ def _device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as e:
         raise InvalidArgumentError(f"--device {name}: {e}") from e
+
+
+def _raise_open_file_limit() -> None:
+    """A 41-window 12B trajectory holds a few hundred files open at once (input shards, output shards,
+    locks); the usual soft limit of 1024 is closer than it looks, and the hard limit is ours to take."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _remove_if_empty(path: Path) -> None:
