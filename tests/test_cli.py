@@ -120,3 +120,15 @@ def test_ls_lists_steps_formats_sizes():
     assert [r["step"] for r in rows] == list(range(1000, 10001, 1000))
     assert rows[0]["format"] == "bin"
     assert rows[0]["bytes"] == (EXAMPLE / "step1000" / "pytorch_model.bin").stat().st_size
+
+
+def test_output_never_replaces_an_input(in_example_dir: Path, tmp_path: Path):
+    import shutil
+
+    shutil.copytree(EXAMPLE, tmp_path / "run", symlinks=False)
+    before = (tmp_path / "run" / "step10000" / "pytorch_model.bin").read_bytes()
+    args = ["lawa", "run", "--steps", "10000:10000", "--k", "3", "--out", "run", "--overwrite"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert "would replace input" in result.stderr and "step10000" in result.stderr
+    assert (tmp_path / "run" / "step10000" / "pytorch_model.bin").read_bytes() == before

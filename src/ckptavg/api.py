@@ -241,8 +241,13 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     device = _device(opts.device)
     _raise_open_file_limit()
     records = [provenance(plan, j, opts) for j in range(len(plan.windows))]
+    inputs = {Path(f).resolve() for c in plan.members.values() for f in [c.label, *c.files]}
     todo = []
     for j, out in enumerate(plan.outputs):
+        target = out.resolve()
+        clash = next((i for i in sorted(inputs) if i == target or target in i.parents), None)
+        if clash is not None:
+            raise OutputError(f"{out}: would replace input {clash}; choose another --out")
         if out.exists():
             if _finished_plan_id(out) == records[j]["plan_id"] and not opts.overwrite:
                 reporter.log(f"{out} is complete (same plan); skipped")
