@@ -35,6 +35,7 @@ from ckptavg.windows import (
     swa_windows,
 )
 from ckptavg.writers import FolderWriter, write_nanogpt_ckpt
+from ckptavg.writers.safetensors_folder import TMP_MARK
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -192,6 +193,48 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+def task_share(plan: Plan, task_index: int, num_tasks: int) -> Plan:
+    """The outputs task ``task_index`` of ``num_tasks`` does: a contiguous range of the plan's order, so
+    that overlapping windows stay together and each task still reads every input it needs once."""
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
+        raise InvalidArgumentError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    lo, hi = task_bounds(len(plan.windows), task_index, num_tasks)
+    windows, outputs = plan.windows[lo:hi], plan.outputs[lo:hi]
+    members = {m: plan.members[m] for m in sorted({m for w in windows for m in w.steps})}
+    return Plan(plan.method, plan.params, plan.source, windows, members, outputs, plan.by_position)
+
+
+def task_bounds(n_outputs: int, task_index: int, num_tasks: int) -> tuple[int, int]:
+    return task_index * n_outputs // num_tasks, (task_index + 1) * n_outputs // num_tasks
+
+
+def output_states(plan: Plan, opts: Options | None = None) -> list[str]:
+    """Per output: ``complete`` (made by this very plan), ``partial`` (a killed run's temporary folder is
+    there), ``other`` (something else has the name) or ``missing``."""
+    opts = opts or Options()
+    states = []
+    for j, out in enumerate(plan.outputs):
+        if out.exists():
+            same = _finished_plan_id(out) == provenance(plan, j, opts)["plan_id"]
+            states.append("complete" if same else "other")
+        elif any(out.parent.glob(f".{out.name}{TMP_MARK}*")):
+            states.append("partial")
+        else:
+            states.append("missing")
+    return states
+
+
+def array_spec(tasks: list[int]) -> str:
+    """SLURM's ``--array`` syntax for task ids: 0-3,7,9-10."""
+    runs: list[list[int]] = []
+    for t in sorted(set(tasks)):
+        if runs and runs[-1][1] == t - 1:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 # ---------------------------------------------------------------- provenance
 
 
@@ -241,7 +284,7 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     device = _device(opts.device)
     _raise_open_file_limit()
     records = [provenance(plan, j, opts) for j in range(len(plan.windows))]
-    inputs = {Path(f).resolve() for c in plan.members.values() for f in [c.label, *c.files]}
+    inputs = {f.resolve() for c in plan.members.values() for f in (Path(c.label), *c.files)}
     todo = []
     for j, out in enumerate(plan.outputs):
         target = out.resolve()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +141,18 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 is_flag=True,
                 help="Load legacy (non-zip) torch pickles whole into memory (weights_only still applies).",
             ),
+            click.option(
+                "--task-index",
+                type=click.IntRange(min=0),
+                default=None,
+                help="Do only this task's share of the outputs [default: $SLURM_ARRAY_TASK_ID - _MIN].",
+            ),
+            click.option(
+                "--num-tasks",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Number of tasks the outputs are split into [default: $SLURM_ARRAY_TASK_COUNT, or 1].",
+            ),
             click.option("--quiet", "-q", is_flag=True, help="No progress or log lines on stderr."),
             click.option("--chunk", type=click.IntRange(min=1024), default=None, hidden=True),
         ]
@@ -164,16 +178,10 @@ def _emit_plan(plan: Plan, as_json: bool) -> None:
             )
 
 
-def _execute(plan: Plan, kw: dict[str, Any]) -> None:
+def _options(kw: dict[str, Any]) -> Any:
     from ckptavg import api
-    from ckptavg.progress import Reporter
 
-    if kw["dry_run"]:
-        _emit_plan(plan, kw["as_json"])
-        return
-    if kw["fmt"] == "ckpt" and any(c.format != "nanogpt" for c in plan.members.values()):
-        raise click.UsageError("--format ckpt is for nanoGPT sources")
-    opts = api.Options(
+    return api.Options(
         accumulate=kw["accumulate"],
         dtype=kw["dtype"],
         device=kw["device"],
@@ -183,7 +191,82 @@ def _execute(plan: Plan, kw: dict[str, Any]) -> None:
         write_ckpt=kw["fmt"] == "ckpt",
         chunk=kw["chunk"],
     )
-    for path in api.average(plan, opts, Reporter(quiet=kw["quiet"])):
+
+
+def task_from_env(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
+    """This process's task: explicit options win; else a SLURM job array says (its ids made 0-based).
+
+    An explicit --num-tasks takes SLURM_ARRAY_TASK_ID as the absolute index: a resubmitted subset of an
+    array (``--array=5,17``) has SLURM_ARRAY_TASK_COUNT=2 and _MIN=5, which describe only the subset.
+    """
+    env = os.environ
+    if num_tasks is None and task_index is None and "SLURM_ARRAY_TASK_ID" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    count = num_tasks or 1
+    if task_index is None:
+        task_index = int(env["SLURM_ARRAY_TASK_ID"]) if "SLURM_ARRAY_TASK_ID" in env and num_tasks else 0
+    if task_index >= count:
+        raise click.UsageError(f"--task-index {task_index} is outside 0..{count - 1} (--num-tasks {count})")
+    return task_index, count
+
+
+def _plan(name: str, kw: dict[str, Any]) -> Plan:
+    from ckptavg import api
+
+    legacy = kw["allow_legacy_pickle"]
+    if name == "lawa":
+        return api.plan_lawa(
+            kw["run"],
+            kw["steps"],
+            k=kw["k"],
+            interval=kw["interval"],
+            k_stepsize=kw["k_stepsize"],
+            out=kw["out"],
+            allow_legacy=legacy,
+        )
+    if name == "ema":
+        return api.plan_ema(
+            kw["run"],
+            kw["steps"],
+            decay=kw["decay"],
+            interval=kw["interval"],
+            every=kw["every"],
+            out=kw["out"],
+            allow_legacy=legacy,
+        )
+    if name == "swa":
+        return api.plan_swa(
+            kw["run"],
+            kw["steps"],
+            start=kw["start"],
+            every=kw["every"],
+            interval=kw["interval"],
+            out=kw["out"],
+            allow_legacy=legacy,
+        )
+    weights = None
+    if kw["weights"] is not None:
+        try:
+            weights = [float(x) for x in kw["weights"].split(",")]
+        except ValueError as e:
+            raise click.BadParameter(
+                f"{kw['weights']!r} is not a comma-separated list of numbers", param_hint="--weights"
+            ) from e
+    return api.plan_avg(list(kw["checkpoints"]), weights=weights, out=kw["out"], allow_legacy=legacy)
+
+
+def _execute(name: str, kw: dict[str, Any]) -> None:
+    from ckptavg import api
+    from ckptavg.progress import Reporter
+
+    plan = api.task_share(_plan(name, kw), *task_from_env(kw["task_index"], kw["num_tasks"]))
+    if kw["dry_run"]:
+        _emit_plan(plan, kw["as_json"])
+        return
+    if kw["fmt"] == "ckpt" and any(c.format != "nanogpt" for c in plan.members.values()):
+        raise click.UsageError("--format ckpt is for nanoGPT sources")
+    for path in api.average(plan, _options(kw), Reporter(quiet=kw["quiet"])):
         click.echo(json.dumps({"out": str(path)}) if kw["as_json"] else str(path))
 
 
@@ -206,7 +289,7 @@ def _execute(plan: Plan, kw: dict[str, Any]) -> None:
     help="Training steps between window ends [default: the run's checkpoint spacing].",
 )
 @_write_options
-def lawa(run: str, steps: Any, k: int, k_stepsize: int | None, interval: int | None, **kw: Any) -> None:
+def lawa(**kw: Any) -> None:
     """LAWA: at every INTERVAL steps t, average the k checkpoints t-(k-1)*nu, ..., t-nu, t.
 
     This is the paper's text; its Algorithm 1 slice would keep fewer than k checkpoints when nu > 1.
@@ -215,12 +298,7 @@ def lawa(run: str, steps: Any, k: int, k_stepsize: int | None, interval: int | N
     ckptavg lawa runs/pythia-70m --steps 21000:141000 --k 5 --interval 3000 --out averaged/
     ckptavg lawa runs/nanogpt/ --steps 2000:70000 --k 5 --k-stepsize 1000 --interval 1000 --out lawa/
     """
-    from ckptavg import api
-
-    plan = api.plan_lawa(
-        run, steps, k=k, interval=interval, k_stepsize=k_stepsize, out=kw["out"], allow_legacy=kw["allow_legacy_pickle"]
-    )
-    _execute(plan, kw)
+    _execute("lawa", kw)
 
 
 @cli.command()
@@ -235,18 +313,13 @@ def lawa(run: str, steps: Any, k: int, k_stepsize: int | None, interval: int | N
 @click.option("--interval", type=int, default=None, help="Steps between outputs [default: checkpoint spacing].")
 @click.option("--every", type=int, default=None, help="Use only checkpoints START, START+EVERY, ... [default: all].")
 @_write_options
-def ema(run: str, steps: Any, decay: float, interval: int | None, every: int | None, **kw: Any) -> None:
+def ema(**kw: Any) -> None:
     """EMA over the checkpoint sequence: ema = decay*ema + (1-decay)*x, written at every INTERVAL steps.
 
     \b
     ckptavg ema runs/pythia-70m --decay 0.9 --steps 1000:143000 --interval 3000 --out ema/
     """
-    from ckptavg import api
-
-    plan = api.plan_ema(
-        run, steps, decay=decay, interval=interval, every=every, out=kw["out"], allow_legacy=kw["allow_legacy_pickle"]
-    )
-    _execute(plan, kw)
+    _execute("ema", kw)
 
 
 @cli.command()
@@ -256,42 +329,26 @@ def ema(run: str, steps: Any, decay: float, interval: int | None, every: int | N
 @click.option("--every", type=int, default=None, help="Steps between averaged checkpoints [default: spacing].")
 @click.option("--interval", type=int, default=None, help="Steps between outputs [default: --every].")
 @_write_options
-def swa(run: str, steps: Any, start: int | None, every: int | None, interval: int | None, **kw: Any) -> None:
+def swa(**kw: Any) -> None:
     """SWA: the uniform mean of checkpoints START, START+EVERY, ... up to each output step.
 
     \b
     ckptavg swa runs/pythia-70m --start 107000 --every 1000 --steps 107000:143000 --out swa/
     """
-    from ckptavg import api
-
-    plan = api.plan_swa(
-        run, steps, start=start, every=every, interval=interval, out=kw["out"], allow_legacy=kw["allow_legacy_pickle"]
-    )
-    _execute(plan, kw)
+    _execute("swa", kw)
 
 
 @cli.command()
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--weights", default=None, help="Comma-separated weights, one per checkpoint (normalised).")
 @_write_options
-def avg(checkpoints: tuple[str, ...], weights: str | None, **kw: Any) -> None:
+def avg(**kw: Any) -> None:
     """Average explicit checkpoints (folders or nanoGPT .pt files), optionally weighted.
 
     \b
     ckptavg avg a/ b/ c/ --weights 0.2,0.3,0.5 --out soup/
     """
-    from ckptavg import api
-
-    parsed = None
-    if weights is not None:
-        try:
-            parsed = [float(x) for x in weights.split(",")]
-        except ValueError as e:
-            raise click.BadParameter(
-                f"{weights!r} is not a comma-separated list of numbers", param_hint="--weights"
-            ) from e
-    plan = api.plan_avg(list(checkpoints), weights=parsed, out=kw["out"], allow_legacy=kw["allow_legacy_pickle"])
-    _execute(plan, kw)
+    _execute("avg", kw)
 
 
 @cli.command()
@@ -337,6 +394,145 @@ def plan(
     else:
         p = api.plan_swa(run, steps, start=start, every=every, interval=interval, out=out, allow_legacy=legacy)
     _emit_plan(p, as_json)
+
+
+AVERAGING = ("lawa", "ema", "swa", "avg")
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+def _sub_invocation(command: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """Parse ``lawa RUN --steps ...`` exactly as that command would, without running it."""
+    if not command or command[0] not in AVERAGING:
+        raise click.UsageError(f"give an averaging command ({', '.join(AVERAGING)}) and its arguments last")
+    sub = cli.commands[command[0]]
+    ctx = sub.make_context(command[0], list(command[1:]), parent=click.get_current_context())
+    return command[0], ctx.params
+
+
+def _task_of(n_outputs: int, num_tasks: int) -> list[int]:
+    from ckptavg.api import task_bounds
+
+    owner = [0] * n_outputs
+    for t in range(num_tasks):
+        lo, hi = task_bounds(n_outputs, t, num_tasks)
+        owner[lo:hi] = [t] * (hi - lo)
+    return owner
+
+
+@cli.command(context_settings=_PASS_THROUGH)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per output.")
+@click.option("--array", "array_only", is_flag=True, help="Print only the tasks to run again, as an --array list.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def status(as_json: bool, array_only: bool, command: tuple[str, ...]) -> None:
+    """Which outputs of an averaging command are complete, partial (a killed run's) or missing.
+
+    Give the averaging command last, as you would run it (with its --num-tasks, if any); each output
+    is shown with the task that makes it, and the tasks to run again are summed up as an --array list.
+
+    \b
+    ckptavg status lawa runs/pythia-70m --steps 21000:141000 --k 5 --interval 3000 --out lawa/ --num-tasks 8
+    sbatch --array=$(ckptavg status --array lawa ... --num-tasks 8) job.sbatch
+    """
+    from ckptavg import api
+
+    name, kw = _sub_invocation(command)
+    plan = _plan(name, kw)
+    num_tasks = kw["num_tasks"] or 1
+    owner = _task_of(len(plan.outputs), num_tasks)
+    states = api.output_states(plan, _options(kw))
+    redo = sorted({owner[j] for j, st in enumerate(states) if st != "complete"})
+    if array_only:
+        click.echo(api.array_spec(redo))
+        return
+    for j, (out, state) in enumerate(zip(plan.outputs, states, strict=True)):
+        if as_json:
+            click.echo(json.dumps({"out": str(out), "state": state, "task": owner[j]}))
+        else:
+            click.echo(f"{out}\t{state}\ttask={owner[j]}")
+    done = states.count("complete")
+    summary = f"{done} of {len(states)} outputs complete"
+    if redo:
+        summary += f"; tasks to run again: --array={api.array_spec(redo)}"
+    click.echo(f"ckptavg: {summary}", err=True)
+
+
+@cli.command(context_settings=_PASS_THROUGH)
+@click.option(
+    "--num-tasks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Array size [default: one task per 4 outputs, at most 32].",
+)
+@click.option("--partition", default=None, help="SLURM partition.")
+@click.option("--time", "time_limit", default=None, help="Time limit per task, e.g. 2:00:00.")
+@click.option(
+    "--cpus",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="CPUs per task (one computes, one reads and writes).",
+)
+@click.option("--mem", default="2G", show_default=True, help="Memory per task (ckptavg peaks near 0.3 GB).")
+@click.option("--job-name", default=None, help="[default: ckptavg-METHOD]")
+@click.option("--submit", is_flag=True, help="Submit with sbatch and print the job id, instead of the script.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def slurm(
+    num_tasks: int | None,
+    partition: str | None,
+    time_limit: str | None,
+    cpus: int,
+    mem: str,
+    job_name: str | None,
+    submit: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Print an sbatch script that runs an averaging command as a job array (or --submit it).
+
+    Each array task does a contiguous share of the outputs; finished outputs are skipped, so the same
+    script can be submitted again, whole or for the tasks that `ckptavg status` lists.
+
+    \b
+    ckptavg slurm --num-tasks 8 lawa runs/pythia-70m --steps 21000:141000 --k 5 --interval 3000 --out lawa/ > job.sbatch
+    sbatch job.sbatch
+    """
+    from ckptavg import api
+    from ckptavg.progress import human_bytes
+
+    name, kw = _sub_invocation(command)
+    if kw["task_index"] is not None or kw["num_tasks"] is not None:
+        raise click.UsageError("leave --task-index/--num-tasks out of the command: the script sets them")
+    plan = _plan(name, kw)
+    n = len(plan.outputs)
+    tasks = min(num_tasks or max(1, min(32, -(-n // 4))), n)
+    shares = [api.task_share(plan, t, tasks) for t in range(tasks)]
+    read = max(p.bytes_to_read() for p in shares)
+    written = max(sum(plan.members[w.steps[-1]].nbytes for w in p.windows) for p in shares)
+    run = shlex.join([sys.executable, "-m", "ckptavg", *command])
+    lines = [
+        "#!/bin/bash",
+        f"# ckptavg {name}: {n} outputs in {tasks} array tasks; the largest task reads about "
+        f"{human_bytes(read)} and writes about {human_bytes(written)} into {kw['out']}",
+        f"#SBATCH --job-name={job_name or 'ckptavg-' + name}",
+        f"#SBATCH --array=0-{tasks - 1}",
+        f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --mem={mem}",
+        f"#SBATCH --chdir={Path.cwd()}",
+        *([f"#SBATCH --partition={partition}"] if partition else []),
+        *([f"#SBATCH --time={time_limit}"] if time_limit else []),
+        "set -euo pipefail",
+        f'exec {run} --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks {tasks}',
+    ]
+    script = "\n".join(lines) + "\n"
+    if not submit:
+        click.echo(script, nl=False)
+        return
+    try:
+        done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise click.ClickException("sbatch not found: is this a SLURM login node?") from e
+    if done.returncode != 0:
+        raise click.ClickException(f"sbatch refused the job: {done.stderr.strip()}")
+    click.echo(done.stdout.strip().split(";")[0])
 
 
 @cli.command(name="ls")
