@@ -73,3 +73,34 @@ def test_killed_run_resumes_where_it_stopped(make_st_run, tmp_path: Path):
         b = load_file(tmp_path / "ref" / step / "model.safetensors")
         assert all(torch.equal(a[n], b[n]) for n in b)
         assert not (out / step / "progress.json").exists()
+
+
+def test_two_processes_never_write_one_output(make_st_run, tmp_path: Path):
+    """A second run of the same plan finds the output's temporary folder locked and stops, touching nothing."""
+    import fcntl
+    import os
+
+    import pytest
+
+    from ckptavg import api
+    from ckptavg.errors import OutputError
+    from ckptavg.steps import StepRange
+
+    make_st_run([1000, 2000, 3000], torch.float16)
+    plan = api.plan_lawa(str(tmp_path / "run"), StepRange(3000, 3000), k=3, out=tmp_path / "out")
+    plan_id = api.provenance(plan, 0, api.Options())["plan_id"]
+    busy = tmp_path / "out" / f".step3000.ckptavg-tmp-{plan_id}"
+    busy.mkdir(parents=True)
+    (busy / "marker").write_text("the other process's work\n")
+    fd = os.open(busy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(OutputError, match="another ckptavg process is writing this output"):
+            api.average(plan)
+        assert (busy / "marker").read_text() == "the other process's work\n"
+        assert not (tmp_path / "out" / "step3000").exists()
+    finally:
+        os.close(fd)
+    api.average(plan)  # once the other process is gone, its folder is taken over
+    assert (tmp_path / "out" / "step3000" / "model.safetensors").is_file()
+    assert not busy.exists()
