@@ -174,3 +174,19 @@ def test_failed_tasks_are_named_and_resubmitted(slurm_env, job_dir: Path):
     submit(slurm_env, job_dir / "job.sbatch", "--array=0,2")
     assert status("--array") == [""]
     assert all((out / f"step{s}" / "model.safetensors").is_file() for s in range(5000, 10001, 1000))
+
+
+def test_submit_prints_the_job_id(slurm_env, job_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
+    result = CliRunner().invoke(cli, ["slurm", "--num-tasks", "2", "--submit", *COMMAND])
+    assert result.exit_code == 0, result.output
+    job = result.stdout.strip()
+    assert job.isdigit()
+
+    def finished() -> bool:
+        q = subprocess.run(["squeue", "-h", "-j", job], env=slurm_env, capture_output=True, text=True, timeout=15)
+        return q.returncode == 0 and not q.stdout.strip()
+
+    _wait(finished, 120, f"job {job} did not finish")
+    rows = CliRunner().invoke(cli, ["status", *COMMAND, "--num-tasks", "2"]).stdout.splitlines()
+    assert len(rows) == 6 and all("\tcomplete\t" in r for r in rows)

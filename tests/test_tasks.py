@@ -70,6 +70,9 @@ def test_task_options_do_one_share(tmp_path: Path, monkeypatch):
         ("missing", 2),
     ]
     assert CliRunner().invoke(cli, ["status", "--array", *base]).stdout == "0,2\n"
+    (Path("o") / ".step10000.ckptavg-tmp-0123456789abcdef").mkdir()  # what a killed task leaves
+    rows = [json.loads(r) for r in CliRunner().invoke(cli, ["status", "--json", *base]).stdout.splitlines()]
+    assert rows[-1]["state"] == "partial"
 
 
 def test_plan_json_is_stable():
