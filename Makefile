@@ -21,12 +21,15 @@ lint:
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy src
 
-# LAWA, EMA and SWA over the tiny Pythia-layout run that ships in examples/ (about 5 s, mostly start-up).
+# LAWA, EMA and SWA over the tiny Pythia-layout run that ships in examples/, then their held-out loss
+# beside the original checkpoints' (about 15 s, mostly start-up).
 example:
 	$(BIN)/ckptavg ls examples/tiny-run
 	$(BIN)/ckptavg lawa examples/tiny-run --steps 5000:10000 --k 5 --interval 1000 --out $(EXAMPLE_OUT)/lawa
 	$(BIN)/ckptavg ema examples/tiny-run --steps 1000:10000 --decay 0.9 --interval 3000 --out $(EXAMPLE_OUT)/ema
 	$(BIN)/ckptavg swa examples/tiny-run --steps 6000:10000 --start 6000 --every 1000 --interval 2000 --out $(EXAMPLE_OUT)/swa
+	$(BIN)/ckptavg eval --run examples/tiny-run --steps 5000:10000:1000 $(EXAMPLE_OUT)/lawa/step* $(EXAMPLE_OUT)/ema/step* \
+		$(EXAMPLE_OUT)/swa/step* --data examples/heldout.txt --results $(EXAMPLE_OUT)/results.json
 
 # Regenerate the example run (real files: transformers config/tokenizer, torch.save'd fp16 .bin).
 example-data:

@@ -33,6 +33,7 @@ def readme_commands() -> list[str]:
 def in_example_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "tiny-run").symlink_to(EXAMPLE)
+    (tmp_path / "examples" / "heldout.txt").symlink_to(EXAMPLE.parent / "heldout.txt")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -49,20 +50,25 @@ def test_readme_documents_every_command():
     assert shown == set(cli.commands)
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs(command: str, in_example_dir: Path):
-    args = shlex.split(command)[1:]
-    redirect = args[args.index(">") + 1] if ">" in args else None  # the one shell feature README uses
-    args = args[: args.index(">")] if redirect else args
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output + str(result.exception)
-    assert result.stdout.strip()
-    if redirect:
-        Path(redirect).write_text(result.stdout)
-    if command.split()[1] in ("lawa", "ema", "swa", "avg") and "--dry-run" not in command:
-        for line in result.stdout.splitlines():
-            out = Path(json.loads(line)["out"] if line.startswith("{") else line)
-            assert (out / "model.safetensors").is_file() and (out / "ckptavg.json").is_file()
+def test_readme_commands_run_in_order(in_example_dir: Path):
+    """Every command README shows, in one folder and in order, as a user would paste them."""
+    import glob
+
+    for command in readme_commands():
+        args: list[str] = []
+        for token in shlex.split(command)[1:]:  # the shell features README uses: globs and one redirect
+            args += sorted(glob.glob(token)) or [token] if "*" in token else [token]
+        redirect = args[args.index(">") + 1] if ">" in args else None
+        args = args[: args.index(">")] if redirect else args
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, f"{command}\n{result.output}{result.exception}"
+        assert result.stdout.strip(), command
+        if redirect:
+            Path(redirect).write_text(result.stdout)
+        if args[0] in ("lawa", "ema", "swa", "avg") and "--dry-run" not in args:
+            for line in result.stdout.splitlines():
+                out = Path(json.loads(line)["out"] if line.startswith("{") else line)
+                assert (out / "model.safetensors").is_file() and (out / "ckptavg.json").is_file()
 
 
 def test_readme_python_api_runs(in_example_dir: Path):

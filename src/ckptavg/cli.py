@@ -21,7 +21,7 @@ import click
 
 from ckptavg import __version__
 from ckptavg.errors import CkptavgError
-from ckptavg.steps import STEP_RANGE
+from ckptavg.steps import STEP_RANGE, STEP_RANGE_FLOAT
 
 if TYPE_CHECKING:
     from ckptavg.api import Plan
@@ -533,6 +533,161 @@ def slurm(
     if done.returncode != 0:
         raise click.ClickException(f"sbatch refused the job: {done.stderr.strip()}")
     click.echo(done.stdout.strip().split(";")[0])
+
+
+def _eval_slice(data: Path, max_tokens: int, seq_len: int) -> Any:
+    from ckptavg.evaluate import make_slice
+
+    return make_slice(data, max_tokens, seq_len)
+
+
+def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(
+        [
+            click.option(
+                "--data",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                required=True,
+                help="Held-out text (tokenized by each model's tokenizer) or nanoGPT val.bin (uint16 ids).",
+            ),
+            click.option(
+                "--max-tokens",
+                type=click.IntRange(min=2),
+                default=32768,
+                show_default=True,
+                help="Score the first this many tokens of --data.",
+            ),
+            click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True),
+            click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+            click.option("--device", default="cpu", show_default=True),
+            click.option(
+                "--results",
+                type=click.Path(dir_okay=False, path_type=Path),
+                default=None,
+                help="JSON results file (a CSV is written beside it); models already in it are skipped.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _print_rows(rows: list[dict[str, Any]], key: str = "method") -> None:
+    for r in rows:
+        step = "-" if r.get("step") is None else r["step"]
+        click.echo(f"{r[key]}\t{step}\t{r['loss']:.4f}\t{r['ppl']:.3f}\t{r['model']}")
+
+
+@cli.command(name="eval")
+@click.argument("models", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--run", default=None, help="Also evaluate this run's original checkpoints at --steps.")
+@click.option("--steps", type=STEP_RANGE, default=None, help="With --run: START:END:EVERY.")
+@click.option("--disagreement", is_flag=True, help="With two models: how often their next-token predictions differ.")
+@_eval_options
+def eval_(
+    models: tuple[Path, ...],
+    run: str | None,
+    steps: Any,
+    disagreement: bool,
+    data: Path,
+    max_tokens: int,
+    seq_len: int,
+    batch_size: int,
+    device: str,
+    results: Path | None,
+) -> None:
+    """Held-out mean token loss and perplexity of model folders, grouped by method and ordered by step.
+
+    Method and step come from each output's provenance (ckptavg.json); other folders count as original
+    checkpoints. Prints method, step, loss, perplexity and folder per model.
+
+    \b
+    ckptavg eval averaged/step* --data heldout.txt --results results.json
+    ckptavg eval --run runs/pythia-70m --steps 21000:141000:3000 --data heldout.txt --results results.json
+    ckptavg eval --disagreement runs/x/step20000 runs/x/step21000 --data heldout.txt
+    """
+    from ckptavg import evaluate
+    from ckptavg.progress import Reporter
+
+    sl = _eval_slice(data, max_tokens, seq_len)
+    folders = list(models)
+    if run is not None:
+        from ckptavg.errors import StepNotFoundError
+        from ckptavg.sources import open_run
+
+        if steps is None:
+            raise click.UsageError("--run needs --steps START:END[:EVERY]")
+        r = open_run(run)
+        wanted = list(range(steps.start, steps.end + 1, steps.every or 1))
+        if set(wanted) - set(r.paths):
+            raise StepNotFoundError(set(wanted) - set(r.paths), r.paths, r.label)
+        folders += [r.paths[s] for s in wanted]
+    if disagreement:
+        if len(folders) != 2:
+            raise click.UsageError("--disagreement compares exactly two models")
+        share = evaluate.disagreement(folders[0], folders[1], sl, batch_size=batch_size, device=device)
+        click.echo(f"{share:.6f}")
+        return
+    if not folders:
+        raise click.UsageError("give model folders, or --run with --steps")
+    table = evaluate.Results(results, sl)
+    log = Reporter()
+    for folder in folders:
+        if table.has(folder):
+            log.log(f"{folder}: already in {results}; skipped")
+            continue
+        table.add(evaluate.evaluate(folder, sl, batch_size=batch_size, device=device))
+        log.log(f"evaluated {folder}")
+    _print_rows([table.rows[table.key(f)] for f in folders] if results is None else table.sorted_rows())
+
+
+@cli.command()
+@click.argument("a", type=click.Path(exists=True, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--alphas",
+    type=STEP_RANGE_FLOAT,
+    default="0:1:0.25",
+    show_default=True,
+    help="START:END:STEP of alpha in alpha*A + (1-alpha)*B.",
+)
+@_eval_options
+def interpolate(
+    a: Path,
+    b: Path,
+    alphas: list[float],
+    data: Path,
+    max_tokens: int,
+    seq_len: int,
+    batch_size: int,
+    device: str,
+    results: Path | None,
+) -> None:
+    """Loss along the line between two checkpoints: alpha*A + (1-alpha)*B (linear mode connectivity).
+
+    Each point is averaged by the streaming engine into a temporary folder, evaluated, and removed.
+    Prints alpha, loss and perplexity per point.
+
+    \b
+    ckptavg interpolate runs/x/step20000 runs/x/step40000 --alphas 0:1:0.2 --data heldout.txt
+    """
+    import tempfile
+
+    from ckptavg import api, evaluate
+
+    sl = _eval_slice(data, max_tokens, seq_len)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ckptavg-interp-") as tmp:
+        for i, alpha in enumerate(alphas):
+            out = Path(tmp) / f"alpha{i}"
+            plan = api.plan_avg([str(a), str(b)], weights=[alpha, 1 - alpha], out=out)
+            api.average(plan)
+            row = evaluate.evaluate(out, sl, batch_size=batch_size, device=device)
+            rows.append({**row, "alpha": alpha, "model": f"{alpha:g}*{a} + {1 - alpha:g}*{b}"})
+    if results is not None:
+        results.write_text(json.dumps({"slice": evaluate.asdict(sl), "rows": rows}, indent=2) + "\n")
+    for r in rows:
+        click.echo(f"{r['alpha']:g}\t{r['loss']:.4f}\t{r['ppl']:.3f}")
 
 
 @cli.command(name="ls")

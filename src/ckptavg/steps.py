@@ -51,3 +51,28 @@ class StepRangeType(click.ParamType):
 
 
 STEP_RANGE = StepRangeType()
+
+
+class FloatRangeType(click.ParamType):
+    """``0:1:0.2`` -> [0, 0.2, 0.4, 0.6, 0.8, 1.0] (END included), or one number."""
+
+    name = "START:END:STEP"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> list[float]:
+        if isinstance(value, list):
+            return value
+        parts = str(value).split(":")
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            self.fail(f"{value!r} is not START:END:STEP, e.g. 0:1:0.2", param, ctx)
+        if len(nums) == 1:
+            return nums
+        if len(nums) != 3 or nums[2] <= 0 or nums[1] < nums[0]:
+            self.fail(f"{value!r}: write START:END:STEP with STEP > 0 and END >= START", param, ctx)
+        start, end, step = nums
+        n = int(round((end - start) / step))
+        return [round(start + i * step, 12) for i in range(n + 1) if start + i * step <= end + 1e-9]
+
+
+STEP_RANGE_FLOAT = FloatRangeType()
