@@ -30,6 +30,7 @@ example:
 	$(BIN)/ckptavg swa examples/tiny-run --steps 6000:10000 --start 6000 --every 1000 --interval 2000 --out $(EXAMPLE_OUT)/swa
 	$(BIN)/ckptavg eval --run examples/tiny-run --steps 5000:10000:1000 $(EXAMPLE_OUT)/lawa/step* $(EXAMPLE_OUT)/ema/step* \
 		$(EXAMPLE_OUT)/swa/step* --data examples/heldout.txt --results $(EXAMPLE_OUT)/results.json
+	$(BIN)/ckptavg plot $(EXAMPLE_OUT)/results.json -o $(EXAMPLE_OUT)/curves.png
 
 # Regenerate the example run (real files: transformers config/tokenizer, torch.save'd fp16 .bin).
 example-data:

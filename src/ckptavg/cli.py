@@ -690,6 +690,34 @@ def interpolate(
         click.echo(f"{r['alpha']:g}\t{r['loss']:.4f}\t{r['ppl']:.3f}")
 
 
+@cli.command(name="plot")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Image file (.png, .pdf, .svg).",
+)
+@click.option("--title", default=None)
+def plot_(results: Path, output: Path, title: str | None) -> None:
+    """Plot held-out loss against step, one line per method, from an `eval --results` file.
+
+    Prints the image path, then for each method the first step at which it reaches the original run's
+    final loss (the paper's savings view), or '-' where it never does. Needs matplotlib
+    (pip install 'ckptavg[plot]').
+
+    \b
+    ckptavg plot results.json -o curves.png
+    """
+    from ckptavg.plot import plot
+
+    reached = plot(results, output, title)
+    click.echo(str(output))
+    for method, step in reached.items():
+        click.echo(f"{method}\t{'-' if step is None else step}")
+
+
 @cli.command(name="ls")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per checkpoint.")
