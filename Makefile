@@ -34,8 +34,9 @@ example:
 
 # Regenerate the example run (real files: transformers config/tokenizer, torch.save'd fp16 .bin).
 example-data:
-	rm -rf examples/tiny-run
+	rm -rf examples/tiny-run examples/tiny-nanogpt
 	$(BIN)/python tests/factories.py examples/tiny-run
+	$(BIN)/python tests/factories.py examples/tiny-nanogpt nanogpt
 
 # Each scenario generates its synthetic checkpoints under BENCH_DATA first (tens of GB); see benchmarks/README.md.
 bench:

@@ -34,6 +34,7 @@ def in_example_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "tiny-run").symlink_to(EXAMPLE)
     (tmp_path / "examples" / "heldout.txt").symlink_to(EXAMPLE.parent / "heldout.txt")
+    (tmp_path / "examples" / "tiny-nanogpt").symlink_to(EXAMPLE.parent / "tiny-nanogpt")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -259,6 +259,9 @@ def provenance(plan: Plan, j: int, opts: Options) -> dict[str, Any]:
         "accumulate": opts.accumulate,
         "dtype": opts.dtype,
     }
+    newest = plan.members[w.steps[-1]]
+    if "model_args" in newest.meta:  # nanoGPT: what `ckptavg convert` needs to rebuild the model
+        record["model_args"] = newest.meta["model_args"]
     record["plan_id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
 

@@ -718,6 +718,29 @@ def plot_(results: Path, output: Path, title: str | None) -> None:
         click.echo(f"{method}\t{'-' if step is None else step}")
 
 
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="GPT-2 folder to write.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Copy tokenizer files from this folder (nanoGPT uses GPT-2's BPE, which is not bundled).",
+)
+@click.option("--overwrite", is_flag=True)
+def convert(source: Path, out: Path, tokenizer: Path | None, overwrite: bool) -> None:
+    """Turn nanoGPT weights (a ckpt.pt, or a folder ckptavg averaged from nanoGPT) into a GPT-2 folder.
+
+    The result loads with transformers' AutoModelForCausalLM and so in lm-evaluation-harness.
+
+    \b
+    ckptavg convert lawa/step6000 --out lawa-gpt2/step6000 --tokenizer gpt2-tokenizer/
+    """
+    from ckptavg.convert import convert as run
+
+    click.echo(str(run(source, out, tokenizer=tokenizer, overwrite=overwrite)))
+
+
 @cli.command(name="ls")
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per checkpoint.")
