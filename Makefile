@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXAMPLE_OUT ?= examples/out
 
-.PHONY: install test lint example example-data bench clean
+.PHONY: install test lint example example-data study bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +39,15 @@ example-data:
 	$(BIN)/python tests/factories.py examples/tiny-nanogpt nanogpt
 
 # Each scenario generates its synthetic checkpoints under BENCH_DATA first (tens of GB); see benchmarks/README.md.
+# The paper in miniature: a tiny GPT-NeoX trained on the CPU at two learning rates, then averaged,
+# evaluated and plotted (about four minutes). See examples/study/ and README.
+study:
+	bash examples/study/run.sh study
+
 bench:
 	$(BIN)/python benchmarks/run.py 1b-window --repeat 2
 	$(BIN)/python benchmarks/run.py 12b-slice-window --repeat 2
 	$(BIN)/python benchmarks/run.py 160m-trajectory --repeat 2
 
 clean:
-	rm -rf $(EXAMPLE_OUT) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(EXAMPLE_OUT) study .pytest_cache .ruff_cache .mypy_cache

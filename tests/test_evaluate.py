@@ -135,3 +135,17 @@ def test_val_bin_tokens(run: Path, tmp_path: Path):
     sl = evaluate.make_slice(ids, max_tokens=512, seq_len=64)
     got = evaluate.evaluate(run / "step1000", sl)
     assert got["tokens"] == 8 * 63 and math.isfinite(got["loss"])
+
+
+def test_nanogpt_outputs_are_evaluated_through_gpt2(tmp_path: Path):
+    from factories import write_nanogpt_ckpt
+
+    for step in (1000, 2000):
+        write_nanogpt_ckpt(tmp_path / "run" / f"ckpt_{step}.pt", step)
+    plan = api.plan_lawa(str(tmp_path / "run"), StepRange(2000, 2000), k=2, out=tmp_path / "o")
+    api.average(plan)
+    ids = tmp_path / "val.bin"
+    torch.arange(0, 96).repeat(4).to(torch.int32).to(torch.uint16).numpy().tofile(ids)
+    row = evaluate.evaluate(plan.outputs[0], evaluate.make_slice(ids, 384, 32))
+    assert (row["method"], row["step"]) == ("lawa", 2000)
+    assert math.isfinite(row["loss"]) and row["tokens"] == 12 * 31

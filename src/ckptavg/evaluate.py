@@ -83,15 +83,31 @@ def tokens_for(folder: Path, sl: Slice, vocab_size: int) -> torch.Tensor:
 
 
 def load_model(folder: Path, device: str) -> Any:
+    """A transformers model; a folder averaged from nanoGPT is converted to GPT-2 on the way."""
+    import tempfile
+
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr carries our log lines, not a bar per model
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise CkptavgError(f"{folder}: not a transformers model folder ({e})") from e
+    with tempfile.TemporaryDirectory(prefix="ckptavg-eval-") as tmp:
+        source = folder
+        if not (folder / "config.json").exists() and _has_model_args(folder):
+            from ckptavg.convert import convert
+
+            source = convert(folder, Path(tmp) / "gpt2")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise CkptavgError(f"{folder}: not a transformers model folder ({e})") from e
     return model.to(device).eval()  # type: ignore[arg-type]
+
+
+def _has_model_args(folder: Path) -> bool:
+    try:
+        return "model_args" in json.loads((folder / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
 
 
 @torch.no_grad()
