@@ -95,8 +95,11 @@ def test_disagreement_and_interpolation_endpoints(run: Path, text: Path):
     differ = CliRunner().invoke(cli, ["eval", "--disagreement", str(run / "step1000"), str(run / "step4000"), *base])
     assert 0 < float(differ.stdout) <= 1
 
+    pytest.importorskip("matplotlib")
+    png = run.parent / "interp.png"
     interp = CliRunner().invoke(
-        cli, ["interpolate", str(run / "step1000"), str(run / "step4000"), "--alphas", "0:1:0.5", *base]
+        cli,
+        ["interpolate", str(run / "step1000"), str(run / "step4000"), "--alphas", "0:1:0.5", *base, "--plot", str(png)],
     )
     assert interp.exit_code == 0, interp.output
     rows = [ln.split("\t") for ln in interp.stdout.splitlines()]
@@ -104,6 +107,7 @@ def test_disagreement_and_interpolation_endpoints(run: Path, text: Path):
     ends = CliRunner().invoke(cli, ["eval", str(run / "step4000"), str(run / "step1000"), *base]).stdout.splitlines()
     loss = {ln.split("\t")[1]: ln.split("\t")[2] for ln in ends}
     assert rows[0][1] == loss["4000"] and rows[2][1] == loss["1000"]  # alpha*A + (1-alpha)*B
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_evaluation_input(run: Path, text: Path, tmp_path: Path):

@@ -120,3 +120,10 @@ def test_examples_makefile_builds_only_what_is_missing(tmp_path: Path):
     shutil.rmtree(tmp_path / "out" / "lawa" / "step7000")
     dry = subprocess.run([*make, "-n", "lawa"], env=env, capture_output=True, text=True).stdout
     assert dry.count("ckptavg lawa") == 1 and "--steps 7000:7000" in dry
+
+    pytest.importorskip("matplotlib")
+    make = [*make, "-C", str(EXAMPLE.parent)]  # eval reads examples/heldout.txt
+    built = subprocess.run([*make, "-j2", "plot"], env=env, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert (tmp_path / "out" / "curves.png").is_file()
+    assert subprocess.run([*make, "-q", "plot"], env=env).returncode == 0

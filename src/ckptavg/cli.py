@@ -652,6 +652,13 @@ def eval_(
     help="START:END:STEP of alpha in alpha*A + (1-alpha)*B.",
 )
 @_eval_options
+@click.option(
+    "--plot",
+    "plot_to",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw loss against alpha into this image (needs the plot extra).",
+)
 def interpolate(
     a: Path,
     b: Path,
@@ -662,6 +669,7 @@ def interpolate(
     batch_size: int,
     device: str,
     results: Path | None,
+    plot_to: Path | None,
 ) -> None:
     """Loss along the line between two checkpoints: alpha*A + (1-alpha)*B (linear mode connectivity).
 
@@ -688,6 +696,10 @@ def interpolate(
         results.write_text(json.dumps({"slice": evaluate.asdict(sl), "rows": rows}, indent=2) + "\n")
     for r in rows:
         click.echo(f"{r['alpha']:g}\t{r['loss']:.4f}\t{r['ppl']:.3f}")
+    if plot_to is not None:
+        from ckptavg.plot import plot_interpolation
+
+        plot_interpolation([(r["alpha"], r["loss"]) for r in rows], plot_to, f"{a.name} -> {b.name}")
 
 
 @cli.command(name="plot")

@@ -42,7 +42,7 @@ def savings(lines: dict[str, list[tuple[int, float]]]) -> dict[str, int | None]:
     return {m: next((s for s, loss in pts if loss <= target), None) for m, pts in lines.items()}
 
 
-def plot(results: Path, out: Path, title: str | None = None) -> dict[str, int | None]:
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -50,6 +50,31 @@ def plot(results: Path, out: Path, title: str | None = None) -> dict[str, int | 
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise CkptavgError("plotting needs matplotlib: pip install 'ckptavg[plot]'") from e
+    return plt
+
+
+def _save(fig: Any, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    fig.savefig(tmp)
+    tmp.replace(out)
+
+
+def plot_interpolation(points: list[tuple[float, float]], out: Path, title: str) -> None:
+    """Loss against alpha in alpha*A + (1-alpha)*B: a bump between the ends is a barrier (Figure 13)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    ax.plot([a for a, _ in points], [v for _, v in points], marker="o", color="tab:red")
+    ax.set_xlabel("alpha  (alpha * A + (1 - alpha) * B)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out)
+    plt.close(fig)
+
+
+def plot(results: Path, out: Path, title: str | None = None) -> dict[str, int | None]:
+    plt = _pyplot()
     lines = curves(load_rows(results))
     reached = savings(lines)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -67,8 +92,6 @@ def plot(results: Path, out: Path, title: str | None = None) -> dict[str, int | 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    fig.savefig(tmp)
+    _save(fig, out)
     plt.close(fig)
-    tmp.replace(out)
     return reached
