@@ -153,3 +153,38 @@ def test_nanogpt_outputs_are_evaluated_through_gpt2(tmp_path: Path):
     row = evaluate.evaluate(plan.outputs[0], evaluate.make_slice(ids, 384, 32))
     assert (row["method"], row["step"]) == ("lawa", 2000)
     assert math.isfinite(row["loss"]) and row["tokens"] == 12 * 31
+
+
+def test_study_trainer_writes_a_pythia_layout_run(tmp_path: Path):
+    """make study's trainer, shortened: its checkpoints are a run that ckptavg averages and evaluates."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "study"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "train.py"),
+            "--text",
+            str(root / "genesis-kjv.txt"),
+            "--lr",
+            "3e-3",
+            "--steps",
+            "40",
+            "--save-every",
+            "10",
+            "--warmup",
+            "5",
+            "--out",
+            str(tmp_path / "lr3e-3"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "lr3e-3").iterdir()) == ["step10", "step20", "step30", "step40"]
+    plan = api.plan_lawa(str(tmp_path / "lr3e-3"), StepRange(40, 40), k=3, out=tmp_path / "lawa")
+    api.average(plan)
+    sl = evaluate.make_slice(tmp_path / "heldout.txt", max_tokens=2048, seq_len=64)
+    row = evaluate.evaluate(plan.outputs[0], sl)
+    assert row["method"] == "lawa" and math.isfinite(row["loss"])
