@@ -211,40 +211,22 @@ def task_from_env(task_index: int | None, num_tasks: int | None) -> tuple[int, i
     return task_index, count
 
 
+# The options of each run-based method, named as in its api.plan_* function.
+_METHOD_PARAMS = {
+    "lawa": ("k", "interval", "k_stepsize"),
+    "ema": ("decay", "interval", "every"),
+    "swa": ("start", "every", "interval"),
+}
+
+
 def _plan(name: str, kw: dict[str, Any]) -> Plan:
     from ckptavg import api
 
     legacy = kw["allow_legacy_pickle"]
-    if name == "lawa":
-        return api.plan_lawa(
-            kw["run"],
-            kw["steps"],
-            k=kw["k"],
-            interval=kw["interval"],
-            k_stepsize=kw["k_stepsize"],
-            out=kw["out"],
-            allow_legacy=legacy,
-        )
-    if name == "ema":
-        return api.plan_ema(
-            kw["run"],
-            kw["steps"],
-            decay=kw["decay"],
-            interval=kw["interval"],
-            every=kw["every"],
-            out=kw["out"],
-            allow_legacy=legacy,
-        )
-    if name == "swa":
-        return api.plan_swa(
-            kw["run"],
-            kw["steps"],
-            start=kw["start"],
-            every=kw["every"],
-            interval=kw["interval"],
-            out=kw["out"],
-            allow_legacy=legacy,
-        )
+    if name in _METHOD_PARAMS:
+        planner = getattr(api, f"plan_{name}")
+        params = {p: kw[p] for p in _METHOD_PARAMS[name]}
+        return planner(kw["run"], kw["steps"], out=kw["out"], allow_legacy=legacy, **params)
     weights = None
     if kw["weights"] is not None:
         try:
@@ -384,16 +366,7 @@ def plan(
     ckptavg plan runs/pythia-70m --steps 21000:141000 --k 5 --interval 3000
     ckptavg plan runs/pythia-70m --method ema --steps 1000:143000 --interval 3000 --json
     """
-    from ckptavg import api
-
-    legacy = allow_legacy_pickle
-    if method == "lawa":
-        p = api.plan_lawa(run, steps, k=k, interval=interval, k_stepsize=k_stepsize, out=out, allow_legacy=legacy)
-    elif method == "ema":
-        p = api.plan_ema(run, steps, decay=decay, interval=interval, every=every, out=out, allow_legacy=legacy)
-    else:
-        p = api.plan_swa(run, steps, start=start, every=every, interval=interval, out=out, allow_legacy=legacy)
-    _emit_plan(p, as_json)
+    _emit_plan(_plan(method, locals()), as_json)
 
 
 AVERAGING = ("lawa", "ema", "swa", "avg")
