@@ -104,3 +104,35 @@ def test_two_processes_never_write_one_output(make_st_run, tmp_path: Path):
     api.average(plan)  # once the other process is gone, its folder is taken over
     assert (tmp_path / "out" / "step3000" / "model.safetensors").is_file()
     assert not busy.exists()
+
+
+def test_a_partial_folder_is_resumed_only_with_the_same_layout(tmp_path: Path):
+    from ckptavg.sources import TensorInfo
+    from ckptavg.writers import FolderWriter
+
+    layout = [(f"t{i}", TensorInfo((1000,), torch.float16)) for i in range(4)]
+
+    def writer(max_shard: int) -> FolderWriter:
+        return FolderWriter(
+            tmp_path / "step1",
+            layout,
+            aliases={},
+            provenance={"plan_id": "p1"},
+            extra_files=[],
+            max_shard_size=max_shard,
+            overwrite=False,
+        )
+
+    first = writer(10**9)
+    assert first.open() == 0
+    first.write("t0", 0, torch.ones(1000, dtype=torch.float16))
+    first.tensor_done(1)
+    first.abort(keep=True)  # what SIGKILL leaves: the folder, its progress record
+
+    same = writer(10**9)
+    assert same.open() == 1  # resumes after t0
+    same.abort(keep=True)
+    resharded = writer(2500)  # two tensors per shard now: the old bytes sit at other offsets
+    assert resharded.open() == 0
+    resharded.abort()
+    assert not list(tmp_path.glob(".step1*"))

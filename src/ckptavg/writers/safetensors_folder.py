@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -91,6 +92,9 @@ class FolderWriter:
         self.fds: list[int] = []
         self.sizes: list[int] = []
         self.total_size = sum(i.nbytes for _, i in with_aliases)
+        # What a resumed folder must match besides the plan: the same tensors in the same shards.
+        layout = [[[n, list(i.shape), str(i.dtype)] for n, i in shard] for shard in self.shards]
+        self.layout_id = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
     def open(self) -> int:
         """Create the temporary folder, or take up the one a killed run of the same plan left behind.
@@ -142,7 +146,9 @@ class FolderWriter:
 
     def tensor_done(self, count: int) -> None:
         """Record that the first ``count`` tensors are fully written (what a resumed run may skip)."""
-        record = json.dumps({"plan_id": self.provenance.get("plan_id"), "tensors_done": count}).encode()
+        record = json.dumps(
+            {"plan_id": self.provenance.get("plan_id"), "layout": self.layout_id, "tensors_done": count}
+        ).encode()
         os.pwrite(self._progress, record.ljust(_PROGRESS_WIDTH), 0)
 
     def _resumable(self) -> int | None:
@@ -151,6 +157,8 @@ class FolderWriter:
         except (OSError, ValueError):
             return None
         if not isinstance(record, dict) or record.get("plan_id") != self.provenance.get("plan_id"):
+            return None
+        if record.get("layout") != self.layout_id:  # e.g. another --max-shard-size
             return None
         if not all((self.tmp / n).is_file() for n in self.names):
             return None
