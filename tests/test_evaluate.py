@@ -84,6 +84,8 @@ def test_eval_cli_resumes_and_refuses_another_slice(run: Path, text: Path, tmp_p
     saved = json.loads(results.read_text())
     assert [r["step"] for r in saved["rows"]] == [1000, 2000, 3000]
     assert results.with_suffix(".csv").read_text().startswith("method,step,loss,ppl,tokens,model\noriginal,1000,")
+    every = CliRunner().invoke(cli, ["eval", "--run", str(run), "--steps", "2000:4000", *args[5:-2]])
+    assert [ln.split("\t")[1] for ln in every.stdout.splitlines()] == ["2000", "3000", "4000"]
     other = CliRunner().invoke(cli, [*args[:-2], "--results", str(results), "--seq-len", "16"])
     assert other.exit_code == 1 and "another data slice (seq_len 32 there, 16 here)" in other.stderr
 

@@ -591,7 +591,10 @@ def eval_(
         if steps is None:
             raise click.UsageError("--run needs --steps START:END[:EVERY]")
         r = open_run(run)
-        wanted = list(range(steps.start, steps.end + 1, steps.every or 1))
+        if steps.every:
+            wanted = list(range(steps.start, steps.end + 1, steps.every))
+        else:
+            wanted = [s for s in r.steps if steps.start <= s <= steps.end]
         if set(wanted) - set(r.paths):
             raise StepNotFoundError(set(wanted) - set(r.paths), r.paths, r.label)
         folders += [r.paths[s] for s in wanted]
@@ -611,7 +614,7 @@ def eval_(
             continue
         table.add(evaluate.evaluate(folder, sl, batch_size=batch_size, device=device))
         log.log(f"evaluated {folder}")
-    _print_rows([table.rows[table.key(f)] for f in folders] if results is None else table.sorted_rows())
+    _print_rows(table.sorted_rows())
 
 
 @cli.command()
