@@ -9,8 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# huggingface_hub reads these when imported: set before any test imports it (shared/notes/hub-protocol.md).
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
+os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+os.environ.pop("HF_TOKEN", None)
 
 SHAPES = {"embed.weight": (37, 41), "layer.w": (5000,), "layer.b": (3,), "head.weight": (41, 37), "scalar": ()}
 

@@ -73,12 +73,24 @@ class Options:
 def _plan_from_run(run: Run, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
     members = {s: run.checkpoint(s) for s in sorted({s for w in windows for s in w.steps})}
     plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
-    check_members(plan)
+    if not any(c.fetch for c in members.values()):  # remote members are checked once fetched
+        check_members(plan)
     return plan
 
 
+def fetch_members(plan: Plan, ids: set[int]) -> None:
+    """Download the members ``ids`` still on a remote (in step order), then check that they agree."""
+    pending = [m for m in sorted(ids) if plan.members[m].fetch is not None]
+    for m in pending:
+        fetch = plan.members[m].fetch
+        assert fetch is not None
+        plan.members[m] = fetch()
+    if pending:
+        check_members(plan, ids)
+
+
 def plan_lawa(
-    source: str,
+    source: str | Run,
     steps: StepRange,
     *,
     k: int,
@@ -87,7 +99,7 @@ def plan_lawa(
     k_stepsize: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = open_run(source, allow_legacy=allow_legacy)
+    run = source if isinstance(source, Run) else open_run(source, allow_legacy=allow_legacy)
     spacing = checkpoint_spacing(run.steps)
     nu = k_stepsize or spacing
     every = interval or steps.every or spacing
@@ -96,7 +108,7 @@ def plan_lawa(
 
 
 def plan_ema(
-    source: str,
+    source: str | Run,
     steps: StepRange,
     *,
     out: Path,
@@ -105,7 +117,7 @@ def plan_ema(
     every: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = open_run(source, allow_legacy=allow_legacy)
+    run = source if isinstance(source, Run) else open_run(source, allow_legacy=allow_legacy)
     ends = interval or steps.every or checkpoint_spacing(run.steps)
     windows = ema_windows(run.steps, steps, decay=decay, interval=ends, every=every, source=run.label)
     params = {"decay": decay, "interval": ends, "every": every, "steps": str(steps)}
@@ -113,7 +125,7 @@ def plan_ema(
 
 
 def plan_swa(
-    source: str,
+    source: str | Run,
     steps: StepRange,
     *,
     out: Path,
@@ -122,7 +134,7 @@ def plan_swa(
     interval: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = open_run(source, allow_legacy=allow_legacy)
+    run = source if isinstance(source, Run) else open_run(source, allow_legacy=allow_legacy)
     first = steps.start if start is None else start
     stride = every or checkpoint_spacing(run.steps)
     ends = interval or steps.every or stride
@@ -145,9 +157,9 @@ def _who(plan: Plan, member: int) -> str:
     return c.label if plan.by_position else f"step {c.step} ({c.label})"
 
 
-def check_members(plan: Plan) -> None:
+def check_members(plan: Plan, only: set[int] | None = None) -> None:
     """Every member must hold the same tensors with the same shapes and dtypes as the newest one."""
-    ids = sorted(plan.members)
+    ids = sorted(only if only is not None else plan.members)
     ref_id = ids[-1]
     ref = plan.members[ref_id]
     for m in ids[:-1]:
@@ -243,8 +255,10 @@ def provenance(plan: Plan, j: int, opts: Options) -> dict[str, Any]:
     members = []
     for m, weight in zip(w.steps, w.weights, strict=True):
         c = plan.members[m]
-        files = []
-        for f in c.files:
+        files: list[dict[str, Any]] = []
+        if "hub" in c.meta:  # the revision's commit pins every byte; local cache paths say nothing
+            files.append(dict(c.meta["hub"]))  # type: ignore[call-overload]
+        for f in [] if files else c.files:
             st = f.stat()
             files.append({"path": str(f), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         members.append({"step": c.step, "weight": weight, "path": c.label, "files": files})
@@ -307,7 +321,8 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
         return list(plan.outputs)
 
     windows = [plan.windows[j] for j in todo]
-    ref = plan.members[max(plan.members)]
+    fetch_members(plan, {m for w in windows for m in w.steps})
+    ref = plan.members[max(m for w in windows for m in w.steps)]
     out_dtype = DTYPES[opts.dtype] if opts.dtype else None
 
     def dtype_of(name: str, info: TensorInfo) -> torch.dtype:
@@ -423,9 +438,9 @@ def _remove_if_empty(path: Path) -> None:
 # ---------------------------------------------------------------- listing
 
 
-def list_checkpoints(source: str, *, allow_legacy: bool = False) -> list[dict[str, Any]]:
+def list_checkpoints(source: str | Run, *, allow_legacy: bool = False) -> list[dict[str, Any]]:
     """Steps of a run with their format, size on disk and path (headers only)."""
-    run = open_run(source, allow_legacy=allow_legacy)
+    run = source if isinstance(source, Run) else open_run(source, allow_legacy=allow_legacy)
     rows = []
     for s in run.steps:
         try:
@@ -433,7 +448,7 @@ def list_checkpoints(source: str, *, allow_legacy: bool = False) -> list[dict[st
         except CkptavgError as e:
             rows.append({"step": s, "format": "unreadable", "bytes": None, "path": str(run.paths[s]), "error": str(e)})
             continue
-        size = sum(f.stat().st_size for f in c.files)
+        size = c.download_bytes if c.fetch else sum(f.stat().st_size for f in c.files)
         rows.append(
             {
                 "step": s,

@@ -178,6 +178,54 @@ def _emit_plan(plan: Plan, as_json: bool) -> None:
             )
 
 
+def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Where a run is: a local RUN folder, or --repo on the Hub (or a Hub-like --endpoint)."""
+    for opt in reversed(
+        [
+            click.option("--repo", default=None, help="A Hub repository (ORG/NAME) instead of a RUN folder."),
+            click.option(
+                "--revision-template",
+                default="step{step}",
+                show_default=True,
+                help="How --repo names the revision of a step, e.g. checkpoint-{step}.",
+            ),
+            click.option(
+                "--token",
+                envvar="HF_TOKEN",
+                default=None,
+                show_envvar=True,
+                help="Hub token (never printed or recorded).",
+            ),
+            click.option("--endpoint", envvar="HF_ENDPOINT", default=None, show_envvar=True, help="Hub URL."),
+            click.option(
+                "--cache-dir", default=None, help="Download cache [default: huggingface_hub's, under HF_HOME]."
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _source(kw: dict[str, Any]) -> Any:
+    """The run to plan from: a folder path (or glob), or a Hub repository."""
+    if kw.get("repo") and kw.get("run"):
+        raise click.UsageError("give a RUN folder or --repo, not both")
+    if kw.get("repo"):
+        from ckptavg.sources import open_hub_run
+
+        return open_hub_run(
+            kw["repo"],
+            endpoint=kw["endpoint"],
+            token=kw["token"],
+            cache_dir=kw["cache_dir"],
+            template=kw["revision_template"],
+            allow_legacy=kw["allow_legacy_pickle"],
+        )
+    if not kw.get("run"):
+        raise click.UsageError("give a RUN folder, or --repo ORG/NAME")
+    return kw["run"]
+
+
 def _options(kw: dict[str, Any]) -> Any:
     from ckptavg import api
 
@@ -226,7 +274,7 @@ def _plan(name: str, kw: dict[str, Any]) -> Plan:
     if name in _METHOD_PARAMS:
         planner = getattr(api, f"plan_{name}")
         params = {p: kw[p] for p in _METHOD_PARAMS[name]}
-        return planner(kw["run"], kw["steps"], out=kw["out"], allow_legacy=legacy, **params)
+        return planner(_source(kw), kw["steps"], out=kw["out"], allow_legacy=legacy, **params)
     weights = None
     if kw["weights"] is not None:
         try:
@@ -253,7 +301,8 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", required=False)
+@_source_options
 @click.option("--steps", type=STEP_RANGE, required=True, help="Window ends START:END[:INTERVAL], inclusive.")
 @click.option("--k", type=int, default=5, show_default=True, help="Checkpoints per window.")
 @click.option(
@@ -284,7 +333,8 @@ def lawa(**kw: Any) -> None:
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", required=False)
+@_source_options
 @click.option(
     "--steps",
     type=STEP_RANGE,
@@ -305,7 +355,8 @@ def ema(**kw: Any) -> None:
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", required=False)
+@_source_options
 @click.option("--steps", type=STEP_RANGE, required=True, help="Output steps START:END[:INTERVAL].")
 @click.option("--start", type=int, default=None, help="First averaged checkpoint [default: START of --steps].")
 @click.option("--every", type=int, default=None, help="Steps between averaged checkpoints [default: spacing].")
@@ -334,7 +385,8 @@ def avg(**kw: Any) -> None:
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", required=False)
+@_source_options
 @click.option("--method", type=click.Choice(["lawa", "ema", "swa"]), default="lawa", show_default=True)
 @click.option("--steps", type=STEP_RANGE, required=True, help="Output steps START:END[:INTERVAL].")
 @click.option("--k", type=int, default=5, show_default=True, help="lawa: checkpoints per window.")
@@ -347,7 +399,6 @@ def avg(**kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per output.")
 @click.option("--allow-legacy-pickle", is_flag=True)
 def plan(
-    run: str,
     method: str,
     steps: Any,
     k: int,
@@ -359,6 +410,7 @@ def plan(
     out: Path,
     as_json: bool,
     allow_legacy_pickle: bool,
+    **source: Any,
 ) -> None:
     """Print which checkpoints, with which weights, feed each output; reads headers only.
 
@@ -366,7 +418,7 @@ def plan(
     ckptavg plan runs/pythia-70m --steps 21000:141000 --k 5 --interval 3000
     ckptavg plan runs/pythia-70m --method ema --steps 1000:143000 --interval 3000 --json
     """
-    _emit_plan(_plan(method, locals()), as_json)
+    _emit_plan(_plan(method, {**locals(), **source}), as_json)
 
 
 AVERAGING = ("lawa", "ema", "swa", "avg")
@@ -730,18 +782,20 @@ def convert(source: Path, out: Path, tokenizer: Path | None, overwrite: bool) ->
 
 
 @cli.command(name="ls")
-@click.argument("run")
+@click.argument("run", required=False)
+@_source_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per checkpoint.")
 @click.option("--allow-legacy-pickle", is_flag=True)
-def ls_(run: str, as_json: bool, allow_legacy_pickle: bool) -> None:
-    """List a run's checkpoints: step, format, size on disk, path.
+def ls_(as_json: bool, **kw: Any) -> None:
+    """List a run's checkpoints: step, format, size (on disk, or to download), path.
 
     \b
     ckptavg ls runs/pythia-70m
+    ckptavg ls --repo EleutherAI/pythia-70m-deduped
     """
     from ckptavg import api
 
-    for row in api.list_checkpoints(run, allow_legacy=allow_legacy_pickle):
+    for row in api.list_checkpoints(_source(kw), allow_legacy=kw["allow_legacy_pickle"]):
         if as_json:
             click.echo(json.dumps(row))
         else:

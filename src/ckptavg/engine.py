@@ -433,11 +433,15 @@ class _WriteBehind:
         """Wait for every queued write; with ``discard`` (on the way out of an error), just stop."""
         if self.closed:
             return
-        self.closed = True
         if discard:
             self.error = self.error or _Discarded()
+        if not self.thread.is_alive():
+            self.closed = True
+            return
         self.jobs.put(None)
-        self.thread.join()
+        # Abandoning (discard), the writer only drains skipped items: never wait long for it.
+        self.thread.join(timeout=5 if discard else None)
+        self.closed = True
         if not discard:
             self._check()
 

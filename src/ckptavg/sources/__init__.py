@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,16 @@ from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo, clos
 from ckptavg.sources.hf_folder import find_weights, open_hf_checkpoint
 from ckptavg.sources.nanogpt import open_nanogpt_checkpoint
 
-__all__ = ["Checkpoint", "Run", "TensorEntry", "TensorInfo", "close_files", "open_checkpoint", "open_run"]
+__all__ = [
+    "Checkpoint",
+    "Run",
+    "TensorEntry",
+    "TensorInfo",
+    "close_files",
+    "open_checkpoint",
+    "open_hub_run",
+    "open_run",
+]
 
 _STEP_DIR = re.compile(r"^(?:step|checkpoint-)(\d+)$")
 _TORCH_SUFFIXES = (".pt", ".pth")
@@ -31,6 +41,7 @@ class Run:
     kind: str  # "hf" or "nanogpt"
     paths: dict[int, Path]
     allow_legacy: bool = False
+    opener: Callable[[int], Checkpoint] | None = None  # remote runs: how a step becomes a Checkpoint
     _open: dict[int, Checkpoint] = field(default_factory=dict)
 
     @property
@@ -41,7 +52,10 @@ class Run:
         if step not in self.paths:
             raise StepNotFoundError([step], self.paths, self.label)
         if step not in self._open:
-            self._open[step] = open_checkpoint(self.paths[step], step, allow_legacy=self.allow_legacy)
+            if self.opener is not None:
+                self._open[step] = self.opener(step)
+            else:
+                self._open[step] = open_checkpoint(self.paths[step], step, allow_legacy=self.allow_legacy)
         return self._open[step]
 
 
@@ -93,3 +107,22 @@ def _nanogpt_run(label: str, files: list[Path], allow_legacy: bool) -> Run:
         run.paths[ckpt.step] = f
         run._open[ckpt.step] = ckpt
     return run
+
+
+def open_hub_run(
+    repo: str,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    cache_dir: str | None = None,
+    template: str = "step{step}",
+    allow_legacy: bool = False,
+) -> Run:
+    """A run on the Hub (or a Hub-like endpoint): steps from its revisions, files fetched when averaged."""
+    from ckptavg.sources.hub import HubSource
+
+    hub = HubSource(
+        repo, endpoint=endpoint, token=token, cache_dir=cache_dir, template=template, allow_legacy=allow_legacy
+    )
+    paths = {step: Path(name) for step, (name, _) in hub.revisions.items()}
+    return Run(repo, "hub", paths, allow_legacy, opener=hub.plan_checkpoint)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +59,13 @@ class Checkpoint:
     files: list[Path] = field(default_factory=list)  # weight files, for provenance and sizes
     extra_files: list[Path] = field(default_factory=list)  # config and tokenizer files to copy
     meta: dict[str, object] = field(default_factory=dict)  # format specifics (nanoGPT model_args ...)
+    # A checkpoint still on a remote: planned from its file list, downloaded by fetch() when averaged.
+    fetch: Callable[[], Checkpoint] | None = None
+    download_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(e.info.nbytes for e in self.entries.values())
+        return sum(e.info.nbytes for e in self.entries.values()) if self.entries else self.download_bytes
 
     def read(self, name: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
         """Elements [start, stop) of tensor ``name`` (flattened), read into the uint8 buffer ``buf``."""

@@ -7,6 +7,7 @@ shards with ``pytorch_model.bin.index.json``; only some ``main`` branches add ``
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ckptavg.errors import CheckpointFormatError
@@ -40,10 +41,12 @@ def _shards_from_index(index: Path) -> list[Path]:
         files = list(dict.fromkeys(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointFormatError(f"{index}: not a valid index (needs a 'weight_map' object): {e!r}") from e
-    root = index.parent.resolve()
+    # Judged by the path as written, not by where symlinks lead: the Hub cache's snapshot folders are
+    # symlinks into a blobs folder, and that is fine; '../../x' or '/etc/x' in an index is not.
+    root = Path(os.path.normpath(index.parent.absolute()))
     shards = []
     for f in files:
-        p = (index.parent / str(f)).resolve()
+        p = Path(os.path.normpath(root / str(f)))
         if not p.is_relative_to(root) or p == root:
             raise CheckpointFormatError(f"{index}: weight_map names '{f}', outside the checkpoint folder")
         if not p.is_file():

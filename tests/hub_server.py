@@ -1,0 +1,140 @@
+"""A Hub-like HTTP server on 127.0.0.1 for the real huggingface_hub client (see shared/notes/hub-protocol.md).
+
+Repositories are folders: ``root/ORG/NAME/BRANCH/<files>``. Each branch has a fixed commit hash, and
+revisions may be given as branch names or hashes, as the real Hub accepts. ``faults`` injects what the
+real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NAME"}}`` for 401s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+
+def commit_of(repo: str, branch: str) -> str:
+    return hashlib.sha1(f"{repo}@{branch}".encode()).hexdigest()
+
+
+class HubServer:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.faults: dict[str, Any] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                server.handle(self, head=True)
+
+            def do_GET(self) -> None:
+                server.handle(self, head=False)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> HubServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # ------------------------------------------------------------------ routing
+
+    def branches(self, repo: str) -> dict[str, str]:
+        folder = self.root / repo
+        return {p.name: commit_of(repo, p.name) for p in sorted(folder.iterdir()) if p.is_dir()}
+
+    def resolve(self, repo: str, rev: str) -> tuple[str, Path] | None:
+        for branch, sha in self.branches(repo).items():
+            if rev in (branch, sha):
+                return sha, self.root / repo / branch
+        return None
+
+    def handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        path = urllib.parse.urlsplit(h.path).path
+        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
+        self.requests.append(f"{h.command} {path}")
+        if "status" in self.faults:
+            return self.send(h, self.faults["status"], b"unavailable", head)
+        api = parts[:2] == ["api", "models"]
+        repo = "/".join(parts[2:4] if api else parts[0:2])
+        if repo in self.faults.get("gated", set()):
+            return self.send(h, 401, b"gated", head, {"X-Error-Code": "GatedRepo"})
+        if not (self.root / repo).is_dir():
+            return self.send(h, 404, b"not found", head, {"X-Error-Code": "RepoNotFound"})
+        if api and len(parts) == 5 and parts[4] == "refs":
+            refs = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in self.branches(repo).items()]
+            return self.json(h, {"branches": refs, "converts": [], "tags": []}, head)
+        if api and len(parts) >= 6 and parts[4] in ("revision", "tree"):
+            found = self.resolve(repo, parts[5])
+            if found is None:
+                return self.send(h, 404, b"no revision", head, {"X-Error-Code": "RevisionNotFound"})
+            sha, folder = found
+            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            entries = [
+                {
+                    "type": "file",
+                    "path": str(p.relative_to(folder)),
+                    "size": p.stat().st_size,
+                    "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+                }
+                for p in files
+            ]
+            if parts[4] == "tree":
+                return self.json(h, entries, head)
+            siblings = [{"rfilename": e["path"], "size": e["size"]} for e in entries]
+            return self.json(h, {"id": repo, "sha": sha, "siblings": siblings}, head)
+        if not api and len(parts) >= 5 and parts[2] == "resolve":
+            found = self.resolve(repo, parts[3])
+            if found is None:
+                return self.send(h, 404, b"no revision", head, {"X-Error-Code": "RevisionNotFound"})
+            sha, folder = found
+            file = folder / "/".join(parts[4:])
+            if not file.is_file():
+                return self.send(h, 404, b"no file", head, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha})
+            return self.file(h, file, sha, head)
+        return self.send(h, 404, b"unknown route", head)
+
+    # ------------------------------------------------------------------ responses
+
+    def send(
+        self, h: BaseHTTPRequestHandler, status: int, body: bytes, head: bool, headers: dict[str, str] | None = None
+    ) -> None:
+        h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
+    def json(self, h: BaseHTTPRequestHandler, obj: object, head: bool) -> None:
+        self.send(h, 200, json.dumps(obj).encode(), head, {"Content-Type": "application/json"})
+
+    def file(self, h: BaseHTTPRequestHandler, file: Path, sha: str, head: bool) -> None:
+        data = file.read_bytes()
+        etag = hashlib.sha256(data).hexdigest()
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+        rng = h.headers.get("Range")
+        status = 200
+        if rng and rng.startswith("bytes="):
+            start_s, _, end_s = rng[6:].partition("-")
+            start = int(start_s or 0)
+            end = int(end_s) if end_s else len(data) - 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data, status = data[start : end + 1], 206
+        self.send(h, status, data, head, headers)

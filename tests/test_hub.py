@@ -1,0 +1,129 @@
+"""Runs on a Hub: the real huggingface_hub client against a Hub-like server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from factories import write_pythia_step
+from hub_server import HubServer, commit_of
+from safetensors.torch import load_file
+
+from ckptavg.cli import cli
+
+REPO = "EleutherAI/pythia-tiny"
+STEPS = [1000, 2000, 3000, 4000]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("hub")
+    for s in STEPS:  # Pythia's layout: .bin-only step branches, one of them sharded
+        write_pythia_step(root / REPO / f"step{s}", s, shards=3 if s == 3000 else 1)
+    write_pythia_step(root / REPO / "main", 4000, fmt="safetensors")
+    (root / "Private" / "gated" / "step1000").mkdir(parents=True)
+    local = tmp_path_factory.mktemp("local")
+    for s in STEPS:  # the same checkpoints as a local run
+        write_pythia_step(local / f"step{s}", s, shards=3 if s == 3000 else 1)
+    with HubServer(root) as server:
+        server.faults["gated"] = {"Private/gated"}
+        server.local_run = local  # type: ignore[attr-defined]
+        yield server
+
+
+def hub_args(hub: HubServer, tmp_path: Path) -> list[str]:
+    return ["--endpoint", hub.url, "--cache-dir", str(tmp_path / "cache")]
+
+
+def test_ls_lists_step_revisions_numerically(hub: HubServer, tmp_path: Path):
+    r = CliRunner().invoke(cli, ["ls", "--repo", REPO, "--json", *hub_args(hub, tmp_path)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [row["step"] for row in rows] == STEPS  # main is not a step
+    size = (hub.root / REPO / "step1000" / "pytorch_model.bin").stat().st_size
+    assert rows[0] == {"step": 1000, "format": "bin", "bytes": size, "path": f"{REPO}@step1000"}
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.bin"))
+
+
+def test_lawa_from_the_hub_equals_lawa_from_local_files(hub: HubServer, tmp_path: Path):
+    cmd = ["lawa", "--steps", "4000:4000", "--k", "3", "--out"]
+    remote = CliRunner().invoke(cli, [*cmd, str(tmp_path / "remote"), "--repo", REPO, *hub_args(hub, tmp_path)])
+    assert remote.exit_code == 0, remote.output
+    local = CliRunner().invoke(cli, [*cmd, str(tmp_path / "local"), str(hub.local_run)])  # type: ignore[attr-defined]
+    assert local.exit_code == 0, local.output
+    a = load_file(tmp_path / "remote" / "step4000" / "model.safetensors")
+    b = load_file(tmp_path / "local" / "step4000" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    record = json.loads((tmp_path / "remote" / "step4000" / "ckptavg.json").read_text())
+    assert record["source"] == REPO
+    assert [m["files"] for m in record["members"]] == [
+        [{"repo": REPO, "revision": f"step{s}", "commit": commit_of(REPO, f"step{s}")}] for s in (2000, 3000, 4000)
+    ]
+    assert (tmp_path / "remote" / "step4000" / "config.json").is_file()
+    assert not any("step1000" in r for r in hub.requests if "/resolve/" in r)  # only members are fetched
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "remote" / "step4000")
+
+
+def test_plan_fails_before_any_download(hub: HubServer, tmp_path: Path):
+    hub.requests.clear()
+    r = CliRunner().invoke(
+        cli,
+        [
+            "lawa",
+            "--repo",
+            REPO,
+            "--steps",
+            "5000:6000",
+            "--k",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            *hub_args(hub, tmp_path),
+        ],
+    )
+    assert r.exit_code == 1
+    assert r.stderr.strip() == f"Error: steps 5000, 6000 not found in {REPO} (nearest available: 4000)"
+    assert not any("/resolve/" in req for req in hub.requests)
+    dry = CliRunner().invoke(
+        cli,
+        [
+            "lawa",
+            "--repo",
+            REPO,
+            "--steps",
+            "3000:4000",
+            "--k",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--dry-run",
+            "--json",
+            *hub_args(hub, tmp_path),
+        ],
+    )
+    assert dry.exit_code == 0, dry.output
+    assert [json.loads(ln)["bytes_to_read"] > 0 for ln in dry.stdout.splitlines()] == [True, True]
+    assert not any(req.endswith(".bin") for req in hub.requests if "/resolve/" in req)
+
+
+def test_hub_errors_are_one_line_and_keep_the_token_secret(hub: HubServer, tmp_path: Path):
+    base = ["ls", *hub_args(hub, tmp_path)]
+    missing = CliRunner().invoke(cli, [*base, "--repo", "Nobody/nothing"])
+    assert missing.exit_code == 1 and "Nobody/nothing" in missing.stderr and "not found" in missing.stderr
+    gated = CliRunner().invoke(cli, [*base, "--repo", "Private/gated", "--token", "hf_SECRET123"])
+    assert gated.exit_code == 1 and "token is needed" in gated.stderr
+    assert "hf_SECRET123" not in gated.stderr + gated.stdout
+    hub.faults["status"] = 503
+    try:
+        down = CliRunner().invoke(cli, [*base, "--repo", REPO])
+    finally:
+        del hub.faults["status"]
+    assert down.exit_code == 1 and "503" in down.stderr and len(down.stderr.strip().splitlines()) == 1
+    template = CliRunner().invoke(cli, [*base, "--repo", REPO, "--revision-template", "checkpoint-{step}"])
+    assert template.exit_code == 1 and "no revision matches 'checkpoint-{step}'" in template.stderr
