@@ -43,7 +43,7 @@ def test_ls_lists_step_revisions_numerically(hub: HubServer, tmp_path: Path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert [row["step"] for row in rows] == STEPS  # main is not a step
-    size = (hub.root / REPO / "step1000" / "pytorch_model.bin").stat().st_size
+    size = sum(f.stat().st_size for f in (hub.root / REPO / "step1000").iterdir())  # weights, config, tokenizer
     assert rows[0] == {"step": 1000, "format": "bin", "bytes": size, "path": f"{REPO}@step1000"}
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.bin"))
 
@@ -127,3 +127,69 @@ def test_hub_errors_are_one_line_and_keep_the_token_secret(hub: HubServer, tmp_p
     assert down.exit_code == 1 and "503" in down.stderr and len(down.stderr.strip().splitlines()) == 1
     template = CliRunner().invoke(cli, [*base, "--repo", REPO, "--revision-template", "checkpoint-{step}"])
     assert template.exit_code == 1 and "no revision matches 'checkpoint-{step}'" in template.stderr
+
+
+def test_disk_budget_holds_while_the_run_downloads_and_deletes(hub: HubServer, tmp_path: Path):
+    import threading
+    import time
+
+    cache = tmp_path / "cache"
+
+    def cache_bytes() -> int:
+        return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and not p.is_symlink())
+
+    window = 2 * max(sum(f.stat().st_size for f in (hub.root / REPO / f"step{s}").iterdir()) for s in STEPS)
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if cache.exists():
+                peak[0] = max(peak[0], cache_bytes())
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        r = CliRunner().invoke(
+            cli,
+            [
+                "lawa",
+                "--repo",
+                REPO,
+                "--steps",
+                "2000:4000",
+                "--k",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+                "--disk-budget",
+                str(window),
+                *hub_args(hub, tmp_path),
+            ],
+        )
+    finally:
+        stop.set()
+        watcher.join()
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [str(tmp_path / "o" / f"step{s}") for s in (2000, 3000, 4000)]
+    assert 0 < peak[0] <= window, (peak[0], window)
+    assert "segment 1 of" in r.stderr
+
+    small = CliRunner().invoke(
+        cli,
+        [
+            "lawa",
+            "--repo",
+            REPO,
+            "--steps",
+            "2000:4000",
+            "--k",
+            "2",
+            "--out",
+            str(tmp_path / "o2"),
+            "--disk-budget",
+            "1000",
+            *hub_args(hub, tmp_path),
+        ],
+    )
+    assert small.exit_code == 1 and "--disk-budget 0.00 GB is too small" in small.stderr and "needs" in small.stderr

@@ -205,15 +205,84 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+def _subplan(plan: Plan, lo: int, hi: int) -> Plan:
+    windows, outputs = plan.windows[lo:hi], plan.outputs[lo:hi]
+    members = {m: plan.members[m] for m in sorted({m for w in windows for m in w.steps})}
+    return Plan(plan.method, plan.params, plan.source, windows, members, outputs, plan.by_position)
+
+
+def disk_segments(plan: Plan, budget: int | None) -> list[tuple[int, int]]:
+    """Consecutive ranges of outputs whose members' files fit in ``budget`` bytes together.
+
+    Members shared by two neighbouring ranges stay on disk between them, so they are downloaded once.
+    Default budget: what the largest single window needs.
+    """
+
+    def need(ids: set[int]) -> int:
+        return sum(plan.members[m].nbytes for m in ids)
+
+    largest = max(need(set(w.steps)) for w in plan.windows)
+    budget = budget or largest
+    if largest > budget:
+        w = max(plan.windows, key=lambda w: need(set(w.steps)))
+        raise InvalidArgumentError(
+            f"--disk-budget {budget / 1e9:.2f} GB is too small: the window for step {w.end} needs "
+            f"{largest / 1e9:.2f} GB on disk at once"
+        )
+    segments: list[tuple[int, int]] = []
+    lo, held = 0, set[int]()
+    for j, w in enumerate(plan.windows):
+        if held and need(held | set(w.steps)) > budget:
+            segments.append((lo, j))
+            lo, held = j, set()
+        held |= set(w.steps)
+    segments.append((lo, len(plan.windows)))
+    return segments
+
+
+def average_within_budget(
+    plan: Plan, opts: Options | None = None, reporter: Reporter | None = None, budget: int | None = None
+) -> list[Path]:
+    """``average`` for remote runs: download, average and delete segment by segment, so that the files
+    on disk never exceed ``budget`` (default: one window's). Local runs are averaged in one pass."""
+    if not any(c.fetch for c in plan.members.values()):
+        return average(plan, opts, reporter)
+    segments = disk_segments(plan, budget)
+    done: list[Path] = []
+    for i, (lo, hi) in enumerate(segments):
+        later = {m for w in plan.windows[hi:] for m in w.steps}
+        part = _subplan(plan, lo, hi)
+        done += average(part, opts, reporter)
+        plan.members.update(part.members)  # fetched checkpoints, for the next segment to reuse
+        for m in sorted(set(part.members) - later):
+            _evict(plan.members[m])
+        if reporter and i + 1 < len(segments):
+            reporter.log(f"segment {i + 1} of {len(segments)} done; its downloads no longer needed were deleted")
+    return done
+
+
+def _evict(ckpt: Checkpoint) -> None:
+    """Delete a fetched checkpoint from the download cache: its snapshot links, then every blob that no
+    remaining snapshot links to (revisions share blobs, e.g. an unchanged tokenizer)."""
+    if "hub" not in ckpt.meta or not ckpt.files:
+        return
+    snapshot = ckpt.files[0].parent
+    for f in [*snapshot.iterdir()]:
+        if f.is_symlink() or f.is_file():
+            f.unlink()
+    repo_cache = snapshot.parent.parent
+    alive = {p.resolve() for p in (repo_cache / "snapshots").rglob("*") if p.is_symlink()}
+    for blob in (repo_cache / "blobs").glob("*"):
+        if blob.is_file() and blob.resolve() not in alive:
+            blob.unlink()
+
+
 def task_share(plan: Plan, task_index: int, num_tasks: int) -> Plan:
     """The outputs task ``task_index`` of ``num_tasks`` does: a contiguous range of the plan's order, so
     that overlapping windows stay together and each task still reads every input it needs once."""
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
         raise InvalidArgumentError(f"task index {task_index} is outside 0..{num_tasks - 1}")
-    lo, hi = task_bounds(len(plan.windows), task_index, num_tasks)
-    windows, outputs = plan.windows[lo:hi], plan.outputs[lo:hi]
-    members = {m: plan.members[m] for m in sorted({m for w in windows for m in w.steps})}
-    return Plan(plan.method, plan.params, plan.source, windows, members, outputs, plan.by_position)
+    return _subplan(plan, *task_bounds(len(plan.windows), task_index, num_tasks))
 
 
 def task_bounds(n_outputs: int, task_index: int, num_tasks: int) -> tuple[int, int]:

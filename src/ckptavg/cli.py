@@ -79,6 +79,10 @@ def parse_size(text: str) -> int:
     raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
 
 
+def _optional_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else _size(ctx, param, value)
+
+
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
     try:
         return parse_size(value)
@@ -98,6 +102,12 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 help="Folder to write into (one step{N}/ folder per output; avg writes the folder itself).",
             ),
             click.option("--dry-run", is_flag=True, help="Print the plan (members, weights, bytes to read) and stop."),
+            click.option(
+                "--disk-budget",
+                default=None,
+                callback=_optional_size,
+                help="--repo: most bytes of downloads on disk at once [default: one window's].",
+            ),
             click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of plain paths."),
             click.option(
                 "--overwrite",
@@ -296,7 +306,7 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
         return
     if kw["fmt"] == "ckpt" and any(c.format != "nanogpt" for c in plan.members.values()):
         raise click.UsageError("--format ckpt is for nanoGPT sources")
-    for path in api.average(plan, _options(kw), Reporter(quiet=kw["quiet"])):
+    for path in api.average_within_budget(plan, _options(kw), Reporter(quiet=kw["quiet"]), kw["disk_budget"]):
         click.echo(json.dumps({"out": str(path)}) if kw["as_json"] else str(path))
 
 

@@ -147,5 +147,5 @@ class HubSource:
             {},
             meta=meta,
             fetch=fetch,
-            download_bytes=sum(sizes[f] for f in needed if f.endswith((".bin", ".safetensors"))),
+            download_bytes=sum(sizes[f] for f in [*needed, *extras]),
         )
