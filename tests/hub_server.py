@@ -2,7 +2,8 @@
 
 Repositories are folders: ``root/ORG/NAME/BRANCH/<files>``. Each branch has a fixed commit hash, and
 revisions may be given as branch names or hashes, as the real Hub accepts. ``faults`` injects what the
-real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NAME"}}`` for 401s.
+real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NAME"}}`` for 401s,
+``{"drop": {"pytorch_model.bin": n}}`` to cut the next n downloads of a file half way.
 """
 
 from __future__ import annotations
@@ -131,6 +132,18 @@ class HubServer:
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         rng = h.headers.get("Range")
         status = 200
+        drops = self.faults.get("drop", {})
+        if not head and drops.get(file.name, 0) > 0:  # promise the whole file, send half, hang up
+            drops[file.name] -= 1
+            h.send_response(200)
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            return
         if rng and rng.startswith("bytes="):
             start_s, _, end_s = rng[6:].partition("-")
             start = int(start_s or 0)

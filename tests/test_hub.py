@@ -193,3 +193,38 @@ def test_disk_budget_holds_while_the_run_downloads_and_deletes(hub: HubServer, t
         ],
     )
     assert small.exit_code == 1 and "--disk-budget 0.00 GB is too small" in small.stderr and "needs" in small.stderr
+
+
+def test_a_dropped_download_is_retried_and_a_dead_one_is_one_clear_error(hub: HubServer, tmp_path: Path):
+    cmd = ["lawa", "--repo", REPO, "--steps", "2000:2000", "--k", "2", *hub_args(hub, tmp_path)]
+    hub.faults["drop"] = {"pytorch_model.bin": 1}
+    try:
+        ok = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "ok")])
+    finally:
+        hub.faults.pop("drop")
+    assert ok.exit_code == 0, ok.output
+    local = CliRunner().invoke(
+        cli,
+        [
+            "lawa",
+            str(hub.local_run),
+            "--steps",
+            "2000:2000",
+            "--k",
+            "2",  # type: ignore[attr-defined]
+            "--out",
+            str(tmp_path / "local"),
+        ],
+    )
+    a = load_file(tmp_path / "ok" / "step2000" / "model.safetensors")
+    b = load_file(tmp_path / "local" / "step2000" / "model.safetensors")
+    assert local.exit_code == 0 and all(torch.equal(a[n], b[n]) for n in a)
+
+    hub.faults["drop"] = {"pytorch_model.bin": 1000}
+    try:
+        dead = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "dead"), "--cache-dir", str(tmp_path / "c2")])
+    finally:
+        hub.faults.pop("drop")
+    assert dead.exit_code == 1
+    assert len(dead.stderr.strip().splitlines()) == 1 and REPO in dead.stderr and "pytorch_model.bin" in dead.stderr
+    assert not (tmp_path / "dead").exists() or not list((tmp_path / "dead").iterdir())

@@ -89,8 +89,12 @@ class HubSource:
         except HfHubHTTPError as e:
             status = getattr(getattr(e, "response", None), "status_code", "?")
             raise CkptavgError(f"{where}: the server answered HTTP {status} while trying to {what}") from e
-        except OSError as e:
-            raise CkptavgError(f"{where}: cannot {what} ({e.__class__.__name__}: {e})") from e
+        except Exception as e:
+            # The client's transport errors (connection refused, dropped mid-file after its retries,
+            # timeouts) come from its HTTP library, whose name changes between versions: match on that.
+            if isinstance(e, OSError) or type(e).__module__.split(".")[0].startswith(("httpx", "httpcore")):
+                raise CkptavgError(f"{where}: cannot {what} ({e.__class__.__name__}: {e})") from e
+            raise
 
     def _download(self, step: int, filename: str) -> Path:
         from huggingface_hub import hf_hub_download
