@@ -228,3 +228,36 @@ def test_a_dropped_download_is_retried_and_a_dead_one_is_one_clear_error(hub: Hu
     assert dead.exit_code == 1
     assert len(dead.stderr.strip().splitlines()) == 1 and REPO in dead.stderr and "pytorch_model.bin" in dead.stderr
     assert not (tmp_path / "dead").exists() or not list((tmp_path / "dead").iterdir())
+
+
+def test_offline_from_a_warm_cache(hub: HubServer, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    from huggingface_hub import hf_hub_download
+
+    for s in (1000, 2000):  # the user's own downloads, as `hf download` makes them
+        for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "pytorch_model.bin"):
+            hf_hub_download(REPO, f, revision=f"step{s}", cache_dir=tmp_path / "cache", endpoint=hub.url)
+    cached = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    cmd = ["lawa", "--repo", REPO, "--steps", "2000:2000", "--k", "2", *hub_args(hub, tmp_path)]
+    warm = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "online")])
+    assert warm.exit_code == 0, warm.output
+    assert sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file()) == cached  # not ours to delete
+    hub.faults["status"] = 503  # the network is gone: offline mode must not ask
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        run = [sys.executable, "-m", "ckptavg", *cmd]
+        offline = subprocess.run([*run, "--out", str(tmp_path / "offline")], env=env, capture_output=True, text=True)
+        uncached = subprocess.run(
+            [*run[:7], "3000:3000", *run[8:], "--out", str(tmp_path / "x")], env=env, capture_output=True, text=True
+        )
+    finally:
+        del hub.faults["status"]
+    assert offline.returncode == 0, offline.stderr
+    a = load_file(tmp_path / "online" / "step2000" / "model.safetensors")
+    b = load_file(tmp_path / "offline" / "step2000" / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert uncached.returncode == 1
+    assert uncached.stderr.strip() == f"Error: step 3000 not found in {REPO} (nearest available: 2000)"

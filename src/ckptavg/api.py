@@ -262,15 +262,14 @@ def average_within_budget(
 
 
 def _evict(ckpt: Checkpoint) -> None:
-    """Delete a fetched checkpoint from the download cache: its snapshot links, then every blob that no
-    remaining snapshot links to (revisions share blobs, e.g. an unchanged tokenizer)."""
-    if "hub" not in ckpt.meta or not ckpt.files:
+    """Delete what this run downloaded for a checkpoint: its snapshot links, then every blob that no
+    snapshot links to any more (revisions share blobs, e.g. an unchanged tokenizer). Files that were in
+    the cache before the run are the user's and stay."""
+    if not ckpt.downloaded:
         return
-    snapshot = ckpt.files[0].parent
-    for f in [*snapshot.iterdir()]:
-        if f.is_symlink() or f.is_file():
-            f.unlink()
-    repo_cache = snapshot.parent.parent
+    for f in ckpt.downloaded:
+        f.unlink(missing_ok=True)
+    repo_cache = ckpt.downloaded[0].parent.parent.parent
     alive = {p.resolve() for p in (repo_cache / "snapshots").rglob("*") if p.is_symlink()}
     for blob in (repo_cache / "blobs").glob("*"):
         if blob.is_file() and blob.resolve() not in alive:

@@ -62,6 +62,7 @@ class Checkpoint:
     # A checkpoint still on a remote: planned from its file list, downloaded by fetch() when averaged.
     fetch: Callable[[], Checkpoint] | None = None
     download_bytes: int = 0
+    downloaded: list[Path] = field(default_factory=list)  # files this run fetched (others were cached before)
 
     @property
     def nbytes(self) -> int:

@@ -50,13 +50,24 @@ class HubSource:
         self.cache_dir = cache_dir
         self.allow_legacy = allow_legacy
         self.api = HfApi(endpoint=endpoint, token=token)
+        from huggingface_hub import constants
+
         pattern = _template_regex(template)
-        refs = self._call(lambda: self.api.list_repo_refs(repo), what="list its revisions")
+        self.offline = bool(constants.HF_HUB_OFFLINE)
+        self.repo_cache = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+        if self.offline:  # HF_HUB_OFFLINE=1: the revisions this cache has seen, as the client recorded them
+            refs_dir = self.repo_cache / "refs"
+            names = {p.name: p.read_text().strip() for p in refs_dir.iterdir()} if refs_dir.is_dir() else {}
+        else:
+            refs = self._call(lambda: self.api.list_repo_refs(repo), what="list its revisions")
+            names = {b.name: b.target_commit for b in [*refs.branches, *refs.tags]}
         self.revisions: dict[int, tuple[str, str]] = {}
-        for branch in [*refs.branches, *refs.tags]:
-            m = pattern.match(branch.name)
+        for name, commit in names.items():
+            m = pattern.match(name)
             if m:
-                self.revisions[int(m.group(1))] = (branch.name, branch.target_commit)
+                self.revisions[int(m.group(1))] = (name, commit)
+        if not self.revisions and self.offline:
+            raise CkptavgError(f"{repo}: HF_HUB_OFFLINE is set and {self.repo_cache} holds no revision of it")
         if not self.revisions:
             raise CkptavgError(f"{repo}: no revision matches {template!r} (use --revision-template)")
 
@@ -100,12 +111,12 @@ class HubSource:
         from huggingface_hub import hf_hub_download
 
         name, commit = self.revisions[step]
-        return Path(
+        path = Path(
             self._call(
                 lambda: hf_hub_download(
                     self.repo,
                     filename,
-                    revision=commit,
+                    revision=name,  # by name, so the cache records the branch for HF_HUB_OFFLINE
                     cache_dir=self.cache_dir,
                     endpoint=self.endpoint,
                     token=self.token,
@@ -113,12 +124,20 @@ class HubSource:
                 what=f"download {filename} of {name}",
             )
         )
+        if commit not in path.parts:
+            raise CkptavgError(f"{self.repo}@{name} moved to another commit while this run used it; run it again")
+        return path
 
     def plan_checkpoint(self, step: int) -> Checkpoint:
         """The checkpoint of ``step`` as files and sizes, with a ``fetch`` that downloads it."""
         name, commit = self.revisions[step]
-        files = self._call(lambda: list(self.api.list_repo_tree(self.repo, revision=commit)), what=f"list {name}")
-        sizes = {f.path: f.size for f in files if getattr(f, "size", None) is not None}
+        if self.offline:
+            snapshot = self.repo_cache / "snapshots" / commit
+            files = [p for p in snapshot.rglob("*") if p.is_file()] if snapshot.is_dir() else []
+            sizes = {str(p.relative_to(snapshot)): p.stat().st_size for p in files}
+        else:
+            listing = self._call(lambda: list(self.api.list_repo_tree(self.repo, revision=commit)), what=f"list {name}")
+            sizes = {f.path: f.size for f in listing if getattr(f, "size", None) is not None}
         found = next(((n, fmt) for n, fmt in WEIGHT_FILES if n in sizes), None)
         if found is None:
             raise CheckpointFormatError(
@@ -139,9 +158,13 @@ class HubSource:
         meta: dict[str, object] = {"hub": {"repo": self.repo, "revision": name, "commit": commit}}
 
         def fetch() -> Checkpoint:
+            snapshot = self.repo_cache / "snapshots" / commit
+            before = {f for f in [*extras, *needed] if (snapshot / f).exists()}
             local = [self._download(step, f) for f in [*extras, *needed]]
             ckpt = open_hf_checkpoint(local[-1].parent, step, allow_legacy=self.allow_legacy)
             ckpt.label, ckpt.meta = label, meta
+            # Only what this run brought in may be evicted again: the cache may hold the user's own downloads.
+            ckpt.downloaded = [p for f, p in zip([*extras, *needed], local, strict=True) if f not in before]
             return ckpt
 
         return Checkpoint(
