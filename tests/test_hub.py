@@ -147,37 +147,8 @@ def test_disk_budget_holds_while_the_run_downloads_and_deletes(hub: HubServer, t
                 peak[0] = max(peak[0], cache_bytes())
             time.sleep(0.002)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        r = CliRunner().invoke(
-            cli,
-            [
-                "lawa",
-                "--repo",
-                REPO,
-                "--steps",
-                "2000:4000",
-                "--k",
-                "2",
-                "--out",
-                str(tmp_path / "o"),
-                "--disk-budget",
-                str(window),
-                *hub_args(hub, tmp_path),
-            ],
-        )
-    finally:
-        stop.set()
-        watcher.join()
-    assert r.exit_code == 0, r.output
-    assert r.stdout.splitlines() == [str(tmp_path / "o" / f"step{s}") for s in (2000, 3000, 4000)]
-    assert 0 < peak[0] <= window, (peak[0], window)
-    assert "segment 1 of" in r.stderr
-
-    small = CliRunner().invoke(
-        cli,
-        [
+    def budget_run(out: Path, budget: str) -> list[str]:
+        return [
             "lawa",
             "--repo",
             REPO,
@@ -186,12 +157,25 @@ def test_disk_budget_holds_while_the_run_downloads_and_deletes(hub: HubServer, t
             "--k",
             "2",
             "--out",
-            str(tmp_path / "o2"),
+            str(out),
             "--disk-budget",
-            "1000",
+            budget,
             *hub_args(hub, tmp_path),
-        ],
-    )
+        ]
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        r = CliRunner().invoke(cli, budget_run(tmp_path / "o", str(window)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [str(tmp_path / "o" / f"step{s}") for s in (2000, 3000, 4000)]
+    assert 0 < peak[0] <= window, (peak[0], window)
+    assert "segment 1 of" in r.stderr
+
+    small = CliRunner().invoke(cli, budget_run(tmp_path / "o2", "1000"))
     assert small.exit_code == 1 and "--disk-budget 0.00 GB is too small" in small.stderr and "needs" in small.stderr
 
 

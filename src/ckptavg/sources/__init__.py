@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ckptavg.errors import CheckpointFormatError, CkptavgError, StepNotFoundError
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo, close_files
@@ -109,20 +110,10 @@ def _nanogpt_run(label: str, files: list[Path], allow_legacy: bool) -> Run:
     return run
 
 
-def open_hub_run(
-    repo: str,
-    *,
-    endpoint: str | None = None,
-    token: str | None = None,
-    cache_dir: str | None = None,
-    template: str = "step{step}",
-    allow_legacy: bool = False,
-) -> Run:
+def open_hub_run(repo: str, **options: Any) -> Run:
     """A run on the Hub (or a Hub-like endpoint): steps from its revisions, files fetched when averaged."""
     from ckptavg.sources.hub import HubSource
 
-    hub = HubSource(
-        repo, endpoint=endpoint, token=token, cache_dir=cache_dir, template=template, allow_legacy=allow_legacy
-    )
+    hub = HubSource(repo, **options)  # endpoint, token, cache_dir, template, allow_legacy
     paths = {step: Path(name) for step, (name, _) in hub.revisions.items()}
-    return Run(repo, "hub", paths, allow_legacy, opener=hub.plan_checkpoint)
+    return Run(repo, "hub", paths, hub.allow_legacy, opener=hub.plan_checkpoint)
