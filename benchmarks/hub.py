@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,8 +52,11 @@ def main() -> None:
         ckpt_bytes = max(tree_bytes(args.data / f"step{s}") for s in steps)
         budget = int(ckpt_bytes * args.k * args.budget_windows)
         windows = (end - start) // 1000 + 1
-        subprocess.run(["cat", *[str(p) for s in steps for p in (args.data / f"step{s}").iterdir()]],
-                       stdout=subprocess.DEVNULL, check=True)  # warm the page cache for both contenders
+        subprocess.run(
+            ["cat", *[str(p) for s in steps for p in (args.data / f"step{s}").iterdir()]],
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )  # warm the page cache for both contenders
         with HubServer(tmpd / "hub") as server:
             cache = tmpd / "cache"
             peak, stop = [0], threading.Event()
@@ -68,28 +70,68 @@ def main() -> None:
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()
             t0 = time.perf_counter()
-            subprocess.run([*ckptavg, "lawa", "--repo", "bench/pythia", "--endpoint", server.url, "--cache-dir",
-                            str(cache), "--steps", args.ends, "--k", str(args.k), "--interval", "1000",
-                            "--disk-budget", str(budget), "--out", str(tmpd / "hub-out"), "-q"], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    *ckptavg,
+                    "lawa",
+                    "--repo",
+                    "bench/pythia",
+                    "--endpoint",
+                    server.url,
+                    "--cache-dir",
+                    str(cache),
+                    "--steps",
+                    args.ends,
+                    "--k",
+                    str(args.k),
+                    "--interval",
+                    "1000",
+                    "--disk-budget",
+                    str(budget),
+                    "--out",
+                    str(tmpd / "hub-out"),
+                    "-q",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             hub_s = time.perf_counter() - t0
             stop.set()
             watcher.join()
-            downloaded = sum(int(r.split()[0] == "GET" and "/resolve/" in r and r.endswith((".bin", ".safetensors")))
-                             for r in server.requests)
+            downloaded = sum(
+                int(r.split()[0] == "GET" and "/resolve/" in r and r.endswith((".bin", ".safetensors")))
+                for r in server.requests
+            )
         t0 = time.perf_counter()
-        subprocess.run([*ckptavg, "lawa", str(args.data), "--steps", args.ends, "--k", str(args.k), "--interval",
-                        "1000", "--out", str(tmpd / "local-out"), "-q"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                *ckptavg,
+                "lawa",
+                str(args.data),
+                "--steps",
+                args.ends,
+                "--k",
+                str(args.k),
+                "--interval",
+                "1000",
+                "--out",
+                str(tmpd / "local-out"),
+                "-q",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         local_s = time.perf_counter() - t0
         naive = windows * args.k
         print(f"| trajectory | {windows} windows, k={args.k}, {len(steps)} checkpoints of {ckpt_bytes / 1e9:.3f} GB |")
         print("|---|---|")
         print(f"| local files | {local_s:.1f} s |")
         print(f"| loopback Hub | {hub_s:.1f} s ({hub_s / local_s:.2f}x local) |")
-        print(f"| weight files downloaded | {downloaded} (naive, every member of every window: {naive}; "
-              f"{downloaded / naive:.2f}x) |")
+        print(
+            f"| weight files downloaded | {downloaded} (naive, every member of every window: {naive}; "
+            f"{downloaded / naive:.2f}x) |"
+        )
         print(f"| peak cache | {peak[0] / 1e9:.3f} GB (budget {budget / 1e9:.3f} GB; {peak[0] / budget:.2f}x) |")
-        shutil.rmtree(tmpd / "hub-out", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -607,10 +607,10 @@ def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _print_rows(rows: list[dict[str, Any]], key: str = "method") -> None:
+def _print_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         step = "-" if r.get("step") is None else r["step"]
-        click.echo(f"{r[key]}\t{step}\t{r['loss']:.4f}\t{r['ppl']:.3f}\t{r['model']}")
+        click.echo(f"{r['method']}\t{step}\t{r['loss']:.4f}\t{r['ppl']:.3f}\t{r['model']}")
 
 
 @cli.command(name="eval")

@@ -141,6 +141,7 @@ class UniformReducer(Reducer):
         self.overlapping = self._simulate()
         if self.overlapping:
             self.dtype = torch.float64
+        self.sums: dict[int, torch.Tensor | None] = {}
 
     def _simulate(self) -> bool:
         open_count: dict[int, int] = {}
@@ -155,9 +156,9 @@ class UniformReducer(Reducer):
 
     def begin(self, n: int) -> None:
         super().begin(n)
-        for t in getattr(self, "sums", {}).values():  # every window has ended: no snapshot is left
+        for t in self.sums.values():  # every window has ended: no snapshot is left
             self.buffers.give(t)
-        self.sums: dict[int, torch.Tensor | None] = {}
+        self.sums = {}
         self.open: dict[int, int] = {}
         self.snapshots: dict[int, torch.Tensor | None] = {}
 
@@ -209,11 +210,12 @@ class EmaReducer(Reducer):
         super().__init__(windows, accumulate, device)
         self.decay = decay
         self.first = windows[0].steps[0]
+        self.state: torch.Tensor | None = None
 
     def begin(self, n: int) -> None:
-        self.buffers.give(getattr(self, "state", None))
+        self.buffers.give(self.state)
         super().begin(n)
-        self.state: torch.Tensor | None = None
+        self.state = None
 
     def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         self._recycle()
@@ -236,12 +238,13 @@ class WeightedReducer(Reducer):
         for j, w in enumerate(windows):
             for step, weight in zip(w.steps, w.weights, strict=True):
                 self.weights.setdefault(step, []).append((j, weight))
+        self.acc: dict[int, torch.Tensor] = {}
 
     def begin(self, n: int) -> None:
-        for t in getattr(self, "acc", {}).values():
+        for t in self.acc.values():
             self.buffers.give(t)
         super().begin(n)
-        self.acc: dict[int, torch.Tensor] = {}
+        self.acc = {}
 
     def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         self._recycle()
