@@ -3,7 +3,10 @@
 Repositories are folders: ``root/ORG/NAME/BRANCH/<files>``. Each branch has a fixed commit hash, and
 revisions may be given as branch names or hashes, as the real Hub accepts. ``faults`` injects what the
 real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NAME"}}`` for 401s,
-``{"drop": {"pytorch_model.bin": n}}`` to cut the next n downloads of a file half way.
+``{"drop": {"pytorch_model.bin": n}}`` to cut the next n downloads of a file half way, and
+``{"short": {"pytorch_model.bin": n}}`` to send every download of it n bytes short of the size its HEAD
+announced. Faults hit downloads (no Range, or an open one ``bytes=N-`` that resumes), not the closed
+ranges that read headers. ``requests`` logs every request with its Range.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class HubServer:
     def handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = urllib.parse.urlsplit(h.path).path
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
-        self.requests.append(f"{h.command} {path}")
+        rng = h.headers.get("Range")
+        self.requests.append(f"{h.command} {path}" + (f" [{rng}]" if rng else ""))
         if "status" in self.faults:
             return self.send(h, self.faults["status"], b"unavailable", head)
         api = parts[:2] == ["api", "models"]
@@ -132,10 +136,17 @@ class HubServer:
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         rng = h.headers.get("Range")
         status = 200
-        drops = self.faults.get("drop", {})
-        if not head and drops.get(file.name, 0) > 0:  # promise the whole file, send half, hang up
+        if rng and rng.startswith("bytes="):
+            start_s, _, end_s = rng[6:].partition("-")
+            start = int(start_s or 0)
+            end = int(end_s) if end_s else len(data) - 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data, status = data[start : end + 1], 206
+        download = not head and not (rng and not rng.endswith("-"))  # whole file, or a resumed download
+        drops, shorts = self.faults.get("drop", {}), self.faults.get("short", {})
+        if download and drops.get(file.name, 0) > 0:  # promise the whole body, send half, hang up
             drops[file.name] -= 1
-            h.send_response(200)
+            h.send_response(status)
             for k, v in headers.items():
                 h.send_header(k, v)
             h.send_header("Content-Length", str(len(data)))
@@ -144,10 +155,6 @@ class HubServer:
             h.wfile.flush()
             h.close_connection = True
             return
-        if rng and rng.startswith("bytes="):
-            start_s, _, end_s = rng[6:].partition("-")
-            start = int(start_s or 0)
-            end = int(end_s) if end_s else len(data) - 1
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data, status = data[start : end + 1], 206
+        if download and shorts.get(file.name):  # a complete answer, but shorter than the file HEAD announced
+            data = data[: -shorts[file.name]]
         self.send(h, status, data, head, headers)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from factories import write_pythia_step
 from hub_server import HubServer, commit_of
 from safetensors.torch import load_file
 
 from ckptavg.cli import cli
+from ckptavg.progress import human_bytes
 
 REPO = "EleutherAI/pythia-tiny"
+SHARDED = "EleutherAI/pythia-tiny-sharded"
 STEPS = [1000, 2000, 3000, 4000]
 
 
@@ -24,6 +29,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     for s in STEPS:  # Pythia's layout: .bin-only step branches, one of them sharded
         write_pythia_step(root / REPO / f"step{s}", s, shards=3 if s == 3000 else 1)
     write_pythia_step(root / REPO / "main", 4000, fmt="safetensors")
+    for s in STEPS:  # every revision in three shards, as Pythia-12B's are
+        write_pythia_step(root / SHARDED / f"step{s}", s, shards=3)
     (root / "Private" / "gated" / "step1000").mkdir(parents=True)
     local = tmp_path_factory.mktemp("local")
     for s in STEPS:  # the same checkpoints as a local run
@@ -31,6 +38,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     with HubServer(root) as server:
         server.faults["gated"] = {"Private/gated"}
         server.local_run = local  # type: ignore[attr-defined]
+        server.local_sharded = root / SHARDED  # type: ignore[attr-defined]
         yield server
 
 
@@ -109,7 +117,10 @@ def test_plan_fails_before_any_download(hub: HubServer, tmp_path: Path):
     )
     assert dry.exit_code == 0, dry.output
     assert [json.loads(ln)["bytes_to_read"] > 0 for ln in dry.stdout.splitlines()] == [True, True]
-    assert not any(req.endswith(".bin") for req in hub.requests if "/resolve/" in req)
+    # Weights were not downloaded: only their headers were read, by closed ranges of at most 64 KiB.
+    weights = [req for req in hub.requests if "/resolve/" in req and re.search(r"\.bin( \[|$)", req)]
+    assert weights and all(re.search(r"\[bytes=(\d+)-(\d+)\]$", req) for req in weights), weights
+    assert all(int(b) - int(a) < 1 << 16 for a, b in (re.findall(r"(\d+)-(\d+)\]$", req)[0] for req in weights))
 
 
 def test_hub_errors_are_one_line_and_keep_the_token_secret(hub: HubServer, tmp_path: Path):
@@ -129,16 +140,30 @@ def test_hub_errors_are_one_line_and_keep_the_token_secret(hub: HubServer, tmp_p
     assert template.exit_code == 1 and "no revision matches 'checkpoint-{step}'" in template.stderr
 
 
-def test_disk_budget_holds_while_the_run_downloads_and_deletes(hub: HubServer, tmp_path: Path):
+def downloads(hub: HubServer) -> list[str]:
+    """Weight files served whole (or resumed): what a run downloaded, as opposed to header reads."""
+    return [r for r in hub.requests if r.startswith("GET") and re.search(r"\.bin( \[bytes=\d+-\])?$", r)]
+
+
+def test_shard_by_shard_within_a_budget_smaller_than_one_window(hub: HubServer, tmp_path: Path):
+    """Like Pythia-12B (three .bin shards per revision): the disk holds k shards at a time, not k checkpoints."""
     import threading
     import time
 
     cache = tmp_path / "cache"
+    folders = [hub.root / SHARDED / f"step{s}" for s in STEPS]
+    shard = max(f.stat().st_size for d in folders for f in d.glob("pytorch_model-*.bin"))
+    extras = sum(
+        f.stat().st_size for d in folders[1:] for f in d.iterdir() if f.suffix == ".json" and "model" not in f.name
+    )
+    index = sum((d / "pytorch_model.bin.index.json").stat().st_size for d in folders)
+    budget = 2 * shard + extras + index  # k = 2 shards, plus the small files held to the end
+    window = 2 * max(sum(f.stat().st_size for f in d.iterdir()) for d in folders)
+    assert budget < 0.6 * window
 
     def cache_bytes() -> int:
         return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and not p.is_symlink())
 
-    window = 2 * max(sum(f.stat().st_size for f in (hub.root / REPO / f"step{s}").iterdir()) for s in STEPS)
     peak, stop = [0], threading.Event()
 
     def watch() -> None:
@@ -147,45 +172,61 @@ def test_disk_budget_holds_while_the_run_downloads_and_deletes(hub: HubServer, t
                 peak[0] = max(peak[0], cache_bytes())
             time.sleep(0.002)
 
-    def budget_run(out: Path, budget: str) -> list[str]:
-        return [
-            "lawa",
-            "--repo",
-            REPO,
-            "--steps",
-            "2000:4000",
-            "--k",
-            "2",
-            "--out",
-            str(out),
-            "--disk-budget",
-            budget,
-            *hub_args(hub, tmp_path),
-        ]
-
+    cmd = ["lawa", "--repo", SHARDED, "--steps", "2000:4000", "--k", "2", *hub_args(hub, tmp_path)]
+    hub.requests.clear()
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        r = CliRunner().invoke(cli, budget_run(tmp_path / "o", str(window)))
+        r = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "o"), "--disk-budget", str(budget)])
     finally:
         stop.set()
         watcher.join()
     assert r.exit_code == 0, r.output
-    assert r.stdout.splitlines() == [str(tmp_path / "o" / f"step{s}") for s in (2000, 3000, 4000)]
-    assert 0 < peak[0] <= window, (peak[0], window)
-    assert "segment 1 of" in r.stderr
+    assert 0 < peak[0] <= budget, (peak[0], budget)
+    parts = re.search(r"part 1 of (\d+)", r.stderr)
+    assert parts and int(parts.group(1)) > 3, r.stderr  # shard by shard: more parts than windows
+    got = downloads(hub)
+    assert len(got) == len(set(got)) == 4 * 3, got  # each shard of each revision exactly once
+    repo_cache = cache / f"models--{SHARDED.replace('/', '--')}"
+    left = [*(repo_cache / "blobs").iterdir(), *(p for p in (repo_cache / "snapshots").rglob("*") if not p.is_dir())]
+    assert not left  # everything the run brought in is gone again (refs and lock files stay)
+    local = CliRunner().invoke(
+        cli,
+        [
+            "lawa",
+            str(hub.local_sharded),
+            "--steps",
+            "2000:4000",
+            "--k",
+            "2",  # type: ignore[attr-defined]
+            "--out",
+            str(tmp_path / "local"),
+        ],
+    )
+    assert local.exit_code == 0, local.output
+    for s in (2000, 3000, 4000):
+        a = load_file(tmp_path / "o" / f"step{s}" / "model.safetensors")
+        b = load_file(tmp_path / "local" / f"step{s}" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
-    small = CliRunner().invoke(cli, budget_run(tmp_path / "o2", "1000"))
-    assert small.exit_code == 1 and "--disk-budget 0.00 GB is too small" in small.stderr and "needs" in small.stderr
+    small = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "o2"), "--disk-budget", str(budget - 1)])
+    assert small.exit_code == 1
+    assert small.stderr.startswith(f"Error: --disk-budget {human_bytes(budget - 1)} is too small: the window for ")
+    assert "pytorch_model-00001-of-00003.bin of each member" in small.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+def with_fault(hub: HubServer, fault: str, spec: dict[str, int], args: list[str]) -> Result:
+    hub.faults[fault] = spec
+    try:
+        return CliRunner().invoke(cli, args)
+    finally:
+        hub.faults.pop(fault)
 
 
 def test_a_dropped_download_is_retried_and_a_dead_one_is_one_clear_error(hub: HubServer, tmp_path: Path):
     cmd = ["lawa", "--repo", REPO, "--steps", "2000:2000", "--k", "2", *hub_args(hub, tmp_path)]
-    hub.faults["drop"] = {"pytorch_model.bin": 1}
-    try:
-        ok = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "ok")])
-    finally:
-        hub.faults.pop("drop")
+    ok = with_fault(hub, "drop", {"pytorch_model.bin": 1}, [*cmd, "--out", str(tmp_path / "ok")])
     assert ok.exit_code == 0, ok.output
     local = CliRunner().invoke(
         cli,
@@ -205,19 +246,56 @@ def test_a_dropped_download_is_retried_and_a_dead_one_is_one_clear_error(hub: Hu
     assert local.exit_code == 0 and all(torch.equal(a[n], b[n]) for n in a)
 
     hub.faults["drop"] = {"pytorch_model.bin": 1000}
-    try:
-        dead = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "dead"), "--cache-dir", str(tmp_path / "c2")])
+    c2 = tmp_path / "c2"
+    try:  # in a process of its own: huggingface_hub's retry warnings would go to the real stderr
+        dead = subprocess.run(
+            [sys.executable, "-m", "ckptavg", *cmd, "--out", str(tmp_path / "dead"), "--cache-dir", str(c2)],
+            capture_output=True,
+            text=True,
+        )
     finally:
         hub.faults.pop("drop")
-    assert dead.exit_code == 1
+    assert dead.returncode == 1
     assert len(dead.stderr.strip().splitlines()) == 1 and REPO in dead.stderr and "pytorch_model.bin" in dead.stderr
     assert not (tmp_path / "dead").exists() or not list((tmp_path / "dead").iterdir())
 
 
+def test_a_download_cut_by_a_killed_run_is_continued_not_restarted(hub: HubServer, tmp_path: Path):
+    """What a run killed mid-download leaves behind: the first bytes of the file under the cache's blobs."""
+    import hashlib
+
+    data = (hub.root / REPO / "step1000" / "pytorch_model.bin").read_bytes()
+    blobs = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{hashlib.sha256(data).hexdigest()}.incomplete").write_bytes(data[:30000])
+    cmd = ["lawa", "--repo", REPO, "--steps", "2000:2000", "--k", "2", *hub_args(hub, tmp_path)]
+    hub.requests.clear()
+    r = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert downloads(hub)[0].endswith("/pytorch_model.bin [bytes=30000-]"), downloads(hub)
+    a = load_file(tmp_path / "o" / "step2000" / "model.safetensors")
+    local = CliRunner().invoke(
+        cli,
+        ["lawa", str(hub.local_run), "--steps", "2000:2000", "--k", "2", "--out", str(tmp_path / "l")],  # type: ignore[attr-defined]
+    )
+    assert local.exit_code == 0
+    b = load_file(tmp_path / "l" / "step2000" / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not list(blobs.iterdir())
+
+
+def test_a_file_shorter_than_announced_is_an_error_and_is_not_used(hub: HubServer, tmp_path: Path):
+    cmd = ["lawa", "--repo", REPO, "--steps", "2000:2000", "--k", "2", *hub_args(hub, tmp_path)]
+    r = with_fault(hub, "short", {"pytorch_model.bin": 10}, [*cmd, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "pytorch_model.bin of step1000" in r.stderr and "should be of size" in r.stderr
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    assert not [p for p in (tmp_path / "cache").rglob("blobs/*") if not p.name.endswith(".incomplete")]
+
+
 def test_offline_from_a_warm_cache(hub: HubServer, tmp_path: Path):
     import os
-    import subprocess
-    import sys
 
     from huggingface_hub import hf_hub_download
 

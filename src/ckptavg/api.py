@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ckptavg import __version__, engine
+from ckptavg import __version__, engine, schedule
 from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OutputError
-from ckptavg.progress import Reporter
+from ckptavg.progress import Reporter, human_bytes
 from ckptavg.sources import Checkpoint, Run, TensorInfo, close_files, open_checkpoint, open_run
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.steps import StepRange
@@ -65,6 +65,7 @@ class Options:
     allow_nonfinite: bool = False
     write_ckpt: bool = False  # nanoGPT sources: also write ckpt.pt
     chunk: int | None = None  # elements per chunk (tests use small ones); default: engine.CHUNK_BYTES
+    disk_budget: int | None = None  # Hub runs: bytes of downloads held at once; default: one window's files
 
 
 # ---------------------------------------------------------------- planning
@@ -73,20 +74,8 @@ class Options:
 def _plan_from_run(run: Run, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
     members = {s: run.checkpoint(s) for s in sorted({s for w in windows for s in w.steps})}
     plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
-    if not any(c.fetch for c in members.values()):  # remote members are checked once fetched
-        check_members(plan)
+    check_members(plan)
     return plan
-
-
-def fetch_members(plan: Plan, ids: set[int]) -> None:
-    """Download the members ``ids`` still on a remote (in step order), then check that they agree."""
-    pending = [m for m in sorted(ids) if plan.members[m].fetch is not None]
-    for m in pending:
-        fetch = plan.members[m].fetch
-        assert fetch is not None
-        plan.members[m] = fetch()
-    if pending:
-        check_members(plan, ids)
 
 
 def plan_lawa(
@@ -211,71 +200,6 @@ def _subplan(plan: Plan, lo: int, hi: int) -> Plan:
     return Plan(plan.method, plan.params, plan.source, windows, members, outputs, plan.by_position)
 
 
-def disk_segments(plan: Plan, budget: int | None) -> list[tuple[int, int]]:
-    """Consecutive ranges of outputs whose members' files fit in ``budget`` bytes together.
-
-    Members shared by two neighbouring ranges stay on disk between them, so they are downloaded once.
-    Default budget: what the largest single window needs.
-    """
-
-    def need(ids: set[int]) -> int:
-        return sum(plan.members[m].nbytes for m in ids)
-
-    largest = max(need(set(w.steps)) for w in plan.windows)
-    budget = budget or largest
-    if largest > budget:
-        w = max(plan.windows, key=lambda w: need(set(w.steps)))
-        raise InvalidArgumentError(
-            f"--disk-budget {budget / 1e9:.2f} GB is too small: the window for step {w.end} needs "
-            f"{largest / 1e9:.2f} GB on disk at once"
-        )
-    segments: list[tuple[int, int]] = []
-    lo, held = 0, set[int]()
-    for j, w in enumerate(plan.windows):
-        if held and need(held | set(w.steps)) > budget:
-            segments.append((lo, j))
-            lo, held = j, set()
-        held |= set(w.steps)
-    segments.append((lo, len(plan.windows)))
-    return segments
-
-
-def average_within_budget(
-    plan: Plan, opts: Options | None = None, reporter: Reporter | None = None, budget: int | None = None
-) -> list[Path]:
-    """``average`` for remote runs: download, average and delete segment by segment, so that the files
-    on disk never exceed ``budget`` (default: one window's). Local runs are averaged in one pass."""
-    if not any(c.fetch for c in plan.members.values()):
-        return average(plan, opts, reporter)
-    segments = disk_segments(plan, budget)
-    done: list[Path] = []
-    for i, (lo, hi) in enumerate(segments):
-        later = {m for w in plan.windows[hi:] for m in w.steps}
-        part = _subplan(plan, lo, hi)
-        done += average(part, opts, reporter)
-        plan.members.update(part.members)  # fetched checkpoints, for the next segment to reuse
-        for m in sorted(set(part.members) - later):
-            _evict(plan.members[m])
-        if reporter and i + 1 < len(segments):
-            reporter.log(f"segment {i + 1} of {len(segments)} done; its downloads no longer needed were deleted")
-    return done
-
-
-def _evict(ckpt: Checkpoint) -> None:
-    """Delete what this run downloaded for a checkpoint: its snapshot links, then every blob that no
-    snapshot links to any more (revisions share blobs, e.g. an unchanged tokenizer). Files that were in
-    the cache before the run are the user's and stay."""
-    if not ckpt.downloaded:
-        return
-    for f in ckpt.downloaded:
-        f.unlink(missing_ok=True)
-    repo_cache = ckpt.downloaded[0].parent.parent.parent
-    alive = {p.resolve() for p in (repo_cache / "snapshots").rglob("*") if p.is_symlink()}
-    for blob in (repo_cache / "blobs").glob("*"):
-        if blob.is_file() and blob.resolve() not in alive:
-            blob.unlink()
-
-
 def task_share(plan: Plan, task_index: int, num_tasks: int) -> Plan:
     """The outputs task ``task_index`` of ``num_tasks`` does: a contiguous range of the plan's order, so
     that overlapping windows stay together and each task still reads every input it needs once."""
@@ -359,7 +283,12 @@ def _finished_plan_id(path: Path) -> str | None:
 
 
 def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None = None) -> list[Path]:
-    """Produce every output of ``plan`` in one pass; outputs already made by the same plan are skipped."""
+    """Produce every output of ``plan``; outputs already made by the same plan are skipped.
+
+    A local run is one pass over its files. A Hub run goes in units (see ``schedule.py``): files are
+    downloaded shard by shard, a unit ahead of the averaging, and deleted when no longer needed, so the
+    run's downloads never hold more than ``opts.disk_budget`` bytes in the cache.
+    """
     opts = opts or Options()
     reporter = reporter or Reporter(quiet=True)
     if opts.accumulate not in ("float32", "float64"):
@@ -369,7 +298,7 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     device = _device(opts.device)
     _raise_open_file_limit()
     records = [provenance(plan, j, opts) for j in range(len(plan.windows))]
-    inputs = {f.resolve() for c in plan.members.values() for f in (Path(c.label), *c.files)}
+    inputs = {f.resolve() for c in plan.members.values() if c.remote is None for f in (Path(c.label), *c.files)}
     todo = []
     for j, out in enumerate(plan.outputs):
         target = out.resolve()
@@ -386,57 +315,76 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
                 )
         todo.append(j)
     if not todo:
+        _delete_downloads(plan, [])
         return list(plan.outputs)
 
     windows = [plan.windows[j] for j in todo]
-    fetch_members(plan, {m for w in windows for m in w.steps})
     ref = plan.members[max(m for w in windows for m in w.steps)]
+    groups = schedule.tensor_groups(ref)
+    names = [n for g in groups for n in g]
+    infos = {n: ref.entries[n].info for n in names}
+    newest = {w.steps[-1] for w in windows}
+    # Held to the end, outside the units: configs and tokenizers of the outputs, and shard indexes.
+    remotes = [(m, c.remote) for m, c in plan.members.items() if c.remote is not None]
+    reserved = sum(n for m, r in remotes if m in newest for n in r.extras.values())
+    reserved += sum(f.stat().st_size for _, r in remotes for f in r.planning)
+    units, budget = schedule.plan_units(windows, plan.members, groups, opts.disk_budget, reserved)
     out_dtype = DTYPES[opts.dtype] if opts.dtype else None
 
     def dtype_of(name: str, info: TensorInfo) -> torch.dtype:
         return out_dtype if out_dtype is not None and engine.is_averaged(name, info) else info.dtype
 
-    infos = {n: e.info for n, e in ref.entries.items()}
-    layout = [(n, TensorInfo(i.shape, dtype_of(n, i))) for n, i in infos.items()]
-    writers = [
-        FolderWriter(
-            plan.outputs[j],
-            layout,
-            aliases=ref.aliases,
-            provenance=records[j],
-            extra_files=plan.members[plan.windows[j].steps[-1]].extra_files,
-            config_dtype=opts.dtype,
-            max_shard_size=opts.max_shard_size if not opts.write_ckpt else 1 << 62,
-            overwrite=opts.overwrite,
-        )
-        for j in todo
-    ]
-    job = engine.Job(
-        windows=windows,
-        members=plan.members,
-        names=list(infos),
-        infos=infos,
-        reducer=_reducer(plan, windows, opts, device),
-        out_dtype=dtype_of,
-        sink=lambda j, name, start, data: writers[j].write(name, start, data),
-        allow_nonfinite=opts.allow_nonfinite,
-        chunk=opts.chunk,
-    )
-
-    def tensor_done(count: int, nbytes: int) -> None:
-        for w in writers:
-            w.tensor_done(count)
-        reporter.advance(nbytes)
-
-    job.on_tensor_done = tensor_done
+    layout = [(n, TensorInfo(infos[n].shape, dtype_of(n, infos[n]))) for n in names]
     created = [p for p in {o.parent for o in plan.outputs} if not p.exists()]
+    writers: list[FolderWriter] = []
+    downloader: schedule.Downloader | None = None
+    extras: list[tuple[Path, bool]] = []
     t0 = time.perf_counter()
     try:
-        job.skip = min(w.open() for w in writers)
-        if job.skip:
-            reporter.log(f"resuming an interrupted run after {job.skip} of {len(infos)} tensors")
-        reporter.start(sum(plan.members[m].nbytes for m in {m for w in windows for m in w.steps}), len(windows))
-        engine.run(job)
+        for m in sorted(newest):  # config and tokenizer of each output's newest member
+            c = plan.members[m]
+            if c.remote is not None:
+                got = [c.remote.download(f) for f in sorted(c.remote.extras)]
+                c.extra_files = [p for p, _ in got]
+                extras += got
+        for j in todo:
+            writers.append(
+                FolderWriter(
+                    plan.outputs[j],
+                    layout,
+                    aliases=ref.aliases,
+                    provenance=records[j],
+                    extra_files=plan.members[plan.windows[j].steps[-1]].extra_files,
+                    config_dtype=opts.dtype,
+                    max_shard_size=opts.max_shard_size if not opts.write_ckpt else 1 << 62,
+                    overwrite=opts.overwrite,
+                )
+            )
+        done = [w.open() for w in writers]
+        if max(done):
+            reporter.log(f"resuming an interrupted run after {min(done)} of {len(names)} tensors")
+        # A unit whose outputs all have its tensors from an interrupted run is skipped, downloads and all.
+        skips = [max(0, min(done[u.lo : u.hi]) - u.offset) for u in units]
+        todo_units = [(u, skip) for u, skip in zip(units, skips, strict=True) if skip < len(u.names)]
+        downloader = schedule.Downloader([u for u, _ in todo_units], plan.members, budget, held=reserved)
+        total = sum(
+            plan.members[m].entries[n].info.nbytes
+            for u, skip in todo_units
+            for m in {m for w in windows[u.lo : u.hi] for m in w.steps}
+            for n in u.names[skip:]
+        )
+        reporter.start(total, len(windows))
+        for i, (unit, skip) in enumerate(todo_units):
+            if len(todo_units) > 1:
+                reporter.log(
+                    f"part {i + 1} of {len(todo_units)}: {len(unit.names)} tensors of outputs "
+                    f"{plan.outputs[todo[unit.lo]].name}..{plan.outputs[todo[unit.hi - 1]].name}, "
+                    f"{len(unit.files)} files ({human_bytes(schedule.files_bytes(plan.members, unit.files))})"
+                )
+            downloader.ready(i)
+            part = writers[unit.lo : unit.hi]
+            _average_unit(plan, unit, skip, windows, part, infos, dtype_of, opts, device, reporter)
+            downloader.release(i)
         reporter.stop()
         for j, w in zip(todo, writers, strict=True):
             if opts.write_ckpt:
@@ -457,9 +405,58 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
             _remove_if_empty(p)
         raise
     finally:
+        if downloader is not None:
+            downloader.close()
+        _delete_downloads(plan, [p for p, ours in extras if ours])
         close_files()
     reporter.log(f"done in {time.perf_counter() - t0:.1f} s")
     return list(plan.outputs)
+
+
+def _delete_downloads(plan: Plan, files: list[Path]) -> None:
+    """What this run brought into the Hub cache besides weights (configs, tokenizers, shard indexes)."""
+    for c in plan.members.values():
+        if c.remote is not None:
+            files += c.remote.planning
+            c.remote.planning.clear()
+    for f in files:
+        schedule.evict(f)
+
+
+def _average_unit(
+    plan: Plan,
+    unit: schedule.Unit,
+    skip: int,
+    windows: list[Window],
+    writers: list[FolderWriter],
+    infos: dict[str, TensorInfo],
+    dtype_of: Any,
+    opts: Options,
+    device: torch.device,
+    reporter: Reporter,
+) -> None:
+    """One pass of the engine over a unit's tensors and windows, into those windows' writers."""
+    part = windows[unit.lo : unit.hi]
+    job = engine.Job(
+        windows=part,
+        members=plan.members,
+        names=list(unit.names),
+        infos=infos,
+        reducer=_reducer(plan, part, opts, device),
+        out_dtype=dtype_of,
+        sink=lambda j, name, start, data: writers[j].write(name, start, data),
+        allow_nonfinite=opts.allow_nonfinite,
+        chunk=opts.chunk,
+        skip=skip,
+    )
+
+    def tensor_done(count: int, nbytes: int) -> None:
+        for w in writers:
+            w.tensor_done(unit.offset + count)
+        reporter.advance(nbytes)
+
+    job.on_tensor_done = tensor_done
+    engine.run(job)
 
 
 def _reducer(plan: Plan, windows: list[Window], opts: Options, device: torch.device) -> engine.Reducer:
@@ -512,18 +509,17 @@ def list_checkpoints(source: str | Run, *, allow_legacy: bool = False) -> list[d
     rows = []
     for s in run.steps:
         try:
-            c = run.checkpoint(s)
+            if run.summary is not None:  # a Hub run: from file lists, without reading any header
+                fmt, n_files, size = run.summary(s)
+                label = f"{run.label}@{run.paths[s]}"
+            else:
+                c = run.checkpoint(s)
+                fmt, n_files, size, label = c.format, len(c.files), sum(f.stat().st_size for f in c.files), c.label
         except CkptavgError as e:
             rows.append({"step": s, "format": "unreadable", "bytes": None, "path": str(run.paths[s]), "error": str(e)})
             continue
-        size = c.download_bytes if c.fetch else sum(f.stat().st_size for f in c.files)
         rows.append(
-            {
-                "step": s,
-                "format": c.format + (f" ({len(c.files)} shards)" if len(c.files) > 1 else ""),
-                "bytes": size,
-                "path": c.label,
-            }
+            {"step": s, "format": fmt + (f" ({n_files} shards)" if n_files > 1 else ""), "bytes": size, "path": label}
         )
     close_files()
     return rows

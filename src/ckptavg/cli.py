@@ -221,7 +221,13 @@ def _source(kw: dict[str, Any]) -> Any:
     if kw.get("repo") and kw.get("run"):
         raise click.UsageError("give a RUN folder or --repo, not both")
     if kw.get("repo"):
+        from huggingface_hub.utils import disable_progress_bars
+        from huggingface_hub.utils import logging as hf_logging
+
         from ckptavg.sources import open_hub_run
+
+        disable_progress_bars()  # stderr carries our progress; a dead download is one line, not six retries
+        hf_logging.set_verbosity_error()
 
         return open_hub_run(
             kw["repo"],
@@ -248,6 +254,7 @@ def _options(kw: dict[str, Any]) -> Any:
         allow_nonfinite=kw["allow_nonfinite"],
         write_ckpt=kw["fmt"] == "ckpt",
         chunk=kw["chunk"],
+        disk_budget=kw["disk_budget"],
     )
 
 
@@ -306,7 +313,7 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
         return
     if kw["fmt"] == "ckpt" and any(c.format != "nanogpt" for c in plan.members.values()):
         raise click.UsageError("--format ckpt is for nanoGPT sources")
-    for path in api.average_within_budget(plan, _options(kw), Reporter(quiet=kw["quiet"]), kw["disk_budget"]):
+    for path in api.average(plan, _options(kw), Reporter(quiet=kw["quiet"])):
         click.echo(json.dumps({"out": str(path)}) if kw["as_json"] else str(path))
 
 

@@ -43,6 +43,7 @@ class Run:
     paths: dict[int, Path]
     allow_legacy: bool = False
     opener: Callable[[int], Checkpoint] | None = None  # remote runs: how a step becomes a Checkpoint
+    summary: Callable[[int], tuple[str, int, int]] | None = None  # remote runs: format, files, bytes (for ls)
     _open: dict[int, Checkpoint] = field(default_factory=dict)
 
     @property
@@ -116,4 +117,4 @@ def open_hub_run(repo: str, **options: Any) -> Run:
 
     hub = HubSource(repo, **options)  # endpoint, token, cache_dir, template, allow_legacy
     paths = {step: Path(name) for step, (name, _) in hub.revisions.items()}
-    return Run(repo, "hub", paths, hub.allow_legacy, opener=hub.plan_checkpoint)
+    return Run(repo, "hub", paths, hub.allow_legacy, opener=hub.plan_checkpoint, summary=hub.summary)

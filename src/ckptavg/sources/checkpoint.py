@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -47,6 +47,31 @@ class TensorEntry:
     tensor: torch.Tensor | None = None
 
 
+class Remote(Protocol):
+    """Where a checkpoint's weight files come from when they are not on disk yet (a Hub revision).
+
+    Tensor entries of such a checkpoint are known from the files' headers, read by HTTP range; their
+    ``path`` is the remote file name and they cannot be read until ``attach`` points them at a download.
+    """
+
+    sizes: dict[str, int]  # weight file -> bytes, as the server lists it
+    file_of: dict[str, str]  # tensor name -> the weight file holding it
+    extras: dict[str, int]  # config and tokenizer files -> bytes
+    planning: list[Path]  # files planning downloaded (a shard index): deleted with the run's downloads
+
+    def download(self, filename: str) -> tuple[Path, bool]:
+        """The file in the local cache, and whether this call brought it there (ours to delete)."""
+        ...
+
+    def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:
+        """Point the entries of ``filename`` at the downloaded copy ``local`` (checked against the plan)."""
+        ...
+
+    def detach(self, ckpt: Checkpoint, filename: str) -> None:
+        """Back to unreadable entries once the local copy is deleted."""
+        ...
+
+
 @dataclass
 class Checkpoint:
     """The weights of one training step, possibly spread over several shard files."""
@@ -59,14 +84,17 @@ class Checkpoint:
     files: list[Path] = field(default_factory=list)  # weight files, for provenance and sizes
     extra_files: list[Path] = field(default_factory=list)  # config and tokenizer files to copy
     meta: dict[str, object] = field(default_factory=dict)  # format specifics (nanoGPT model_args ...)
-    # A checkpoint still on a remote: planned from its file list, downloaded by fetch() when averaged.
-    fetch: Callable[[], Checkpoint] | None = None
-    download_bytes: int = 0
-    downloaded: list[Path] = field(default_factory=list)  # files this run fetched (others were cached before)
+    remote: Remote | None = None  # set when the weight files are still on a Hub
 
     @property
     def nbytes(self) -> int:
-        return sum(e.info.nbytes for e in self.entries.values()) if self.entries else self.download_bytes
+        return sum(e.info.nbytes for e in self.entries.values())
+
+    def files_of(self, names: list[str]) -> set[str]:
+        """The remote weight files holding the tensors ``names`` (empty for a local checkpoint)."""
+        if self.remote is None:
+            return set()
+        return {self.remote.file_of[n] for n in names}
 
     def read(self, name: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
         """Elements [start, stop) of tensor ``name`` (flattened), read into the uint8 buffer ``buf``."""
@@ -74,6 +102,8 @@ class Checkpoint:
         dtype = entry.info.dtype
         if entry.tensor is not None:
             return entry.tensor.reshape(-1)[start:stop]
+        if entry.offset < 0:
+            raise RuntimeError(f"{self.label}: tensor '{name}' is read before its file was downloaded")
         size = dtype.itemsize
         nbytes = (stop - start) * size
         view = buf[:nbytes]
@@ -118,6 +148,12 @@ class _OpenFiles:
             done += n
         return done
 
+    def close(self, path: Path) -> None:
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is not None:
+                os.close(fd)
+
     def close_all(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -128,6 +164,13 @@ class _OpenFiles:
 _FILES = _OpenFiles()
 
 
-def close_files() -> None:
-    """Release every file descriptor the readers opened (the engine calls this when a run ends)."""
-    _FILES.close_all()
+def close_files(path: Path | None = None) -> None:
+    """Release the file descriptors the readers opened: of ``path``, or all of them (when a run ends).
+
+    A deleted file's space comes back only when its last descriptor closes: evicting a download must
+    close it first, or the disk budget would count space that is still taken.
+    """
+    if path is None:
+        _FILES.close_all()
+    else:
+        _FILES.close(path)

@@ -55,6 +55,16 @@ def _shards_from_index(index: Path) -> list[Path]:
     return shards
 
 
+def open_weight_file(
+    path: Path, fmt: str, *, allow_legacy: bool = False
+) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """The tensors of one weight file (a whole checkpoint or one shard), and its tied names."""
+    if fmt == "safetensors":
+        return read_safetensors_index(path)[0], {}
+    obj, offset = load_torch_file(path, allow_legacy=allow_legacy)
+    return state_dict_entries(path, obj, offset)
+
+
 def open_hf_checkpoint(folder: Path, step: int, *, allow_legacy: bool = False) -> Checkpoint:
     found = find_weights(folder)
     if found is None:
@@ -63,12 +73,7 @@ def open_hf_checkpoint(folder: Path, step: int, *, allow_legacy: bool = False) -
     entries: dict[str, TensorEntry] = {}
     aliases: dict[str, str] = {}
     for shard in shards:
-        if fmt == "safetensors":
-            part, _ = read_safetensors_index(shard)
-            part_aliases: dict[str, str] = {}
-        else:
-            obj, offset = load_torch_file(shard, allow_legacy=allow_legacy)
-            part, part_aliases = state_dict_entries(shard, obj, offset)
+        part, part_aliases = open_weight_file(shard, fmt, allow_legacy=allow_legacy)
         dup = set(part) & set(entries)
         if dup:
             raise CheckpointFormatError(f"{folder}: tensor '{sorted(dup)[0]}' appears in more than one shard")

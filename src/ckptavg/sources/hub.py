@@ -1,21 +1,26 @@
 """Runs on the Hugging Face Hub: one revision per step (Pythia: branches step1000, step2000, ...).
 
-Planning reads only the revision list and file lists (and the small index files of sharded
-checkpoints): no weight is downloaded before the plan holds together. Averaging then fetches each
-member's files with ``huggingface_hub`` into its usual cache and reads them like a local folder.
-Provenance names the repository, each revision and its commit hash, never a token.
+Planning reads the revision list, file lists, the small index files of sharded checkpoints and each
+weight file's header (by HTTP range): every tensor's name, shape and dtype is checked before any
+weight is downloaded. Averaging then downloads weight files with ``huggingface_hub`` into its usual
+cache, shard by shard (see ``schedule.py``), and reads them like local files. Provenance names the
+repository, each revision and its commit hash, never a token.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from ckptavg.errors import CheckpointFormatError, CkptavgError
-from ckptavg.sources.checkpoint import Checkpoint
-from ckptavg.sources.hf_folder import WEIGHT_FILES, open_hf_checkpoint
+from ckptavg.sources.checkpoint import Checkpoint, TensorEntry
+from ckptavg.sources.hf_folder import WEIGHT_FILES, open_weight_file
+from ckptavg.sources.http_range import RangeReader
+from ckptavg.sources.safetensors_file import read_safetensors_header
+from ckptavg.sources.torch_file import read_torch_structure, state_dict_entries
 
 _EXTRA = re.compile(
     r"^(config\.json|generation_config\.json|special_tokens_map\.json|tokenizer.*|vocab\..*|merges\.txt)$"
@@ -104,7 +109,8 @@ class HubSource:
             # The client's transport errors (connection refused, dropped mid-file after its retries,
             # timeouts) come from its HTTP library, whose name changes between versions: match on that.
             if isinstance(e, OSError) or type(e).__module__.split(".")[0].startswith(("httpx", "httpcore")):
-                raise CkptavgError(f"{where}: cannot {what} ({e.__class__.__name__}: {e})") from e
+                first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+                raise CkptavgError(f"{where}: cannot {what} ({e.__class__.__name__}: {first})") from e
             raise
 
     def _download(self, step: int, filename: str) -> Path:
@@ -128,51 +134,197 @@ class HubSource:
             raise CkptavgError(f"{self.repo}@{name} moved to another commit while this run used it; run it again")
         return path
 
-    def plan_checkpoint(self, step: int) -> Checkpoint:
-        """The checkpoint of ``step`` as files and sizes, with a ``fetch`` that downloads it."""
+    def _download_resumable(self, step: int, filename: str, size: int) -> Path:
+        """A weight file into the cache as ``hf_hub_download`` lays it out, but through a partial file
+        that outlives the process: huggingface_hub 2.x resumes a dropped connection within one call,
+        yet deletes its partial file when the call fails, so a killed 10 GB download would start over.
+        Here ``blobs/<etag>.incomplete`` stays, and the next run continues it by HTTP range."""
+        import fcntl
+
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.file_download import http_get
+        from huggingface_hub.utils import build_hf_headers
+
+        name, commit = self.revisions[step]
+        url = hf_hub_url(self.repo, filename, revision=commit, endpoint=self.endpoint)
+        meta = get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint)
+        if meta.size != size:
+            raise CkptavgError(
+                f"{self.repo}@{name}/{filename}: the server announces {meta.size} bytes but listed {size}"
+            )
+        if meta.etag is None or meta.location is None:
+            raise CkptavgError(f"{self.repo}@{name}/{filename}: the server sent no ETag; cannot cache it")
+        blobs = self.repo_cache / "blobs"
+        blob = blobs / meta.etag
+        link = self.repo_cache / "snapshots" / commit / filename
+        blobs.mkdir(parents=True, exist_ok=True)
+        partial = blobs / f"{meta.etag}.incomplete"
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # another process may be fetching the same file: wait for it
+            if not blob.exists():
+                resume = f.seek(0, os.SEEK_END)
+                if resume > size:  # not a prefix of this file: start again
+                    f.truncate(0)
+                    resume = f.seek(0)
+                try:
+                    http_get(
+                        meta.location,
+                        f,
+                        resume_size=resume,
+                        headers=build_hf_headers(token=self.token),
+                        expected_size=size,
+                        displayed_filename=filename,
+                    )
+                except BaseException:
+                    if f.seek(0, os.SEEK_END) == 0:
+                        partial.unlink(missing_ok=True)
+                    raise
+                f.flush()
+                os.replace(partial, blob)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        ref = self.repo_cache / "refs" / name
+        if not ref.exists():
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(commit)
+        return link
+
+    def files(self, step: int) -> dict[str, int]:
+        """The files of a step's revision and their sizes, as the server lists them (or the cache holds)."""
         name, commit = self.revisions[step]
         if self.offline:
             snapshot = self.repo_cache / "snapshots" / commit
             files = [p for p in snapshot.rglob("*") if p.is_file()] if snapshot.is_dir() else []
-            sizes = {str(p.relative_to(snapshot)): p.stat().st_size for p in files}
-        else:
-            listing = self._call(lambda: list(self.api.list_repo_tree(self.repo, revision=commit)), what=f"list {name}")
-            sizes = {f.path: f.size for f in listing if getattr(f, "size", None) is not None}
+            return {str(p.relative_to(snapshot)): p.stat().st_size for p in files}
+        listing = self._call(lambda: list(self.api.list_repo_tree(self.repo, revision=commit)), what=f"list {name}")
+        return {f.path: f.size for f in listing if getattr(f, "size", None) is not None}
+
+    def weight_files(self, step: int, sizes: dict[str, int]) -> tuple[str, list[str], list[Path]]:
+        """The format of a revision's weights, their files (the shards an index names), and the index if
+        this call downloaded it (the run deletes it again with its other downloads)."""
+        name, _ = self.revisions[step]
         found = next(((n, fmt) for n, fmt in WEIGHT_FILES if n in sizes), None)
         if found is None:
             raise CheckpointFormatError(
                 f"{self.repo}@{name}: no weights in a supported format (has {', '.join(sorted(sizes)) or 'nothing'})"
             )
         weight, fmt = found
-        if weight.endswith(".index.json"):
-            index = json.loads(self._download(step, weight).read_text())
-            weights = sorted(set(index["weight_map"].values()))
-            missing = [w for w in weights if w not in sizes]
-            if missing:
-                raise CheckpointFormatError(f"{self.repo}@{name}: {weight} names {missing[0]}, which is not there")
-            needed = [weight, *weights]
-        else:
-            needed = [weight]
-        extras = [f for f in sizes if _EXTRA.match(f)]
+        if not weight.endswith(".index.json"):
+            return fmt, [weight], []
+        link = self.repo_cache / "snapshots" / self.revisions[step][1] / weight
+        cached = link.exists()
+        path = self._download(step, weight)
+        try:
+            index = json.loads(path.read_text())
+            shards = list(dict.fromkeys(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointFormatError(f"{self.repo}@{name}: {weight} is not a valid index ({e!r})") from e
+        for shard in shards:
+            if not isinstance(shard, str) or shard not in sizes:
+                raise CheckpointFormatError(f"{self.repo}@{name}: {weight} names {shard}, which is not there")
+        return fmt, shards, [] if cached else [path]
+
+    def _stream(self, step: int, filename: str, size: int) -> BinaryIO:
+        """A weight file to read headers from: the cached copy if there is one, else HTTP ranges."""
+        _, commit = self.revisions[step]
+        cached = self.repo_cache / "snapshots" / commit / filename
+        if cached.is_file():
+            return open(cached, "rb")
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        url = hf_hub_url(self.repo, filename, revision=commit, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self.token)
+        return cast(BinaryIO, RangeReader(url, size, headers))
+
+    def summary(self, step: int) -> tuple[str, int, int]:
+        """Format, number of weight files and bytes to download (weights, config, tokenizer), for ``ls``."""
+        sizes = self.files(step)
+        fmt, weights, _ = self.weight_files(step, sizes)
+        return fmt, len(weights), sum(n for f, n in sizes.items() if f in weights or _EXTRA.match(f))
+
+    def plan_checkpoint(self, step: int) -> Checkpoint:
+        """The checkpoint of ``step`` from its files' headers: every tensor's name, shape and dtype, so a
+        plan is checked in full before any weight is downloaded. Reading needs ``remote`` downloads."""
+        name, commit = self.revisions[step]
+        sizes = self.files(step)
+        fmt, weights, planning = self.weight_files(step, sizes)
         label = f"{self.repo}@{name}"
-        meta: dict[str, object] = {"hub": {"repo": self.repo, "revision": name, "commit": commit}}
+        entries: dict[str, TensorEntry] = {}
+        aliases: dict[str, str] = {}
+        file_of: dict[str, str] = {}
+        for f in weights:
+            where = f"{label}/{f}"
 
-        def fetch() -> Checkpoint:
-            snapshot = self.repo_cache / "snapshots" / commit
-            before = {f for f in [*extras, *needed] if (snapshot / f).exists()}
-            local = [self._download(step, f) for f in [*extras, *needed]]
-            ckpt = open_hf_checkpoint(local[-1].parent, step, allow_legacy=self.allow_legacy)
-            ckpt.label, ckpt.meta = label, meta
-            # Only what this run brought in may be evicted again: the cache may hold the user's own downloads.
-            ckpt.downloaded = [p for f, p in zip([*extras, *needed], local, strict=True) if f not in before]
-            return ckpt
+            def read(f: str = f, where: str = where) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+                with self._stream(step, f, sizes[f]) as stream:
+                    if fmt == "safetensors":
+                        part = read_safetensors_header(stream, sizes[f], Path(f), where=where)[0]
+                        return {n: TensorEntry(e.info, Path(f)) for n, e in part.items()}, {}
+                    return state_dict_entries(Path(f), read_torch_structure(stream, where), None)
 
-        return Checkpoint(
-            step,
-            label,
-            fmt,
-            {},
-            meta=meta,
-            fetch=fetch,
-            download_bytes=sum(sizes[f] for f in [*needed, *extras]),
+            part, part_aliases = self._call(read, what=f"read the header of {f} of {name}")
+            dup = sorted(set(part) & set(entries))
+            if dup:
+                raise CheckpointFormatError(f"{label}: tensor '{dup[0]}' appears in more than one shard")
+            entries.update(part)
+            aliases.update(part_aliases)
+            file_of.update(dict.fromkeys(part, f))
+        remote = HubFiles(
+            self, step, {f: sizes[f] for f in weights}, file_of, {f: n for f, n in sizes.items() if _EXTRA.match(f)}
         )
+        remote.planning = planning
+        meta: dict[str, object] = {"hub": {"repo": self.repo, "revision": name, "commit": commit}}
+        return Checkpoint(step, label, fmt, entries, aliases, meta=meta, remote=remote)
+
+
+class HubFiles:
+    """The files of one revision, downloaded into the huggingface_hub cache one at a time."""
+
+    def __init__(
+        self, hub: HubSource, step: int, sizes: dict[str, int], file_of: dict[str, str], extras: dict[str, int]
+    ) -> None:
+        self.hub = hub
+        self.step = step
+        self.sizes = sizes
+        self.file_of = file_of
+        self.extras = extras
+        self.planning: list[Path] = []
+
+    def download(self, filename: str) -> tuple[Path, bool]:
+        name, commit = self.hub.revisions[self.step]
+        link = self.hub.repo_cache / "snapshots" / commit / filename
+        if link.exists():
+            return link, False
+        if filename in self.sizes and not self.hub.offline:
+            size = self.sizes[filename]
+            return self.hub._call(
+                lambda: self.hub._download_resumable(self.step, filename, size), what=f"download {filename} of {name}"
+            ), True
+        path = self.hub._download(self.step, filename)  # a small file, or the cache when offline
+        expected = self.sizes.get(filename, self.extras.get(filename))
+        got = path.stat().st_size
+        if expected is not None and got != expected:
+            path.resolve().unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            raise CkptavgError(
+                f"{self.hub.repo}@{name}/{filename}: downloaded {got} bytes but the server lists {expected}; "
+                "deleted it, run again"
+            )
+        return path, True
+
+    def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:
+        part, _ = open_weight_file(local, ckpt.format, allow_legacy=self.hub.allow_legacy)
+        planned = {n: ckpt.entries[n].info for n, f in self.file_of.items() if f == filename}
+        if {n: e.info for n, e in part.items()} != planned:
+            raise CheckpointFormatError(
+                f"{ckpt.label}/{filename}: the downloaded file's tensors differ from its header as read when planning"
+            )
+        ckpt.entries.update(part)
+
+    def detach(self, ckpt: Checkpoint, filename: str) -> None:
+        for n, f in self.file_of.items():
+            if f == filename:
+                ckpt.entries[n] = TensorEntry(ckpt.entries[n].info, Path(filename))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -43,25 +44,33 @@ _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 def read_safetensors_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Tensor entries in storage order, and the ``__metadata__`` strings."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointFormatError(f"{path}: only {size} bytes; not a safetensors file (truncated?)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointFormatError(
-                    f"{path}: header length {n} does not fit in the file's {size} bytes (truncated or corrupt)"
-                )
-            raw = f.read(n)
+            return read_safetensors_header(f, path.stat().st_size, path)
     except OSError as e:
         raise CheckpointFormatError(f"{path}: cannot read ({e.strerror})") from e
+
+
+def read_safetensors_header(
+    f: BinaryIO, size: int, path: Path, *, where: str | None = None
+) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """The same from any readable stream of ``size`` bytes (a local file, or a file on a Hub read by HTTP
+    range); entries name ``path``, messages name ``where`` (default: the path)."""
+    label = where or str(path)
+    head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointFormatError(f"{label}: only {size} bytes; not a safetensors file (truncated?)")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+        raise CheckpointFormatError(
+            f"{label}: header length {n} does not fit in the file's {size} bytes (truncated or corrupt)"
+        )
+    raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: header is not valid JSON ({e})") from e
+        raise CheckpointFormatError(f"{label}: header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{path}: header is not a JSON object")
+        raise CheckpointFormatError(f"{label}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     data_size = size - data_start
@@ -72,11 +81,11 @@ def read_safetensors_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str
             shape = tuple(int(d) for d in spec["shape"])
             begin, end = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"{path}: header entry for tensor '{name}' is malformed ({e!r})") from e
+            raise CheckpointFormatError(f"{label}: header entry for tensor '{name}' is malformed ({e!r})") from e
         info = TensorInfo(shape, dtype)
         if begin < 0 or end - begin != info.nbytes:
             raise CheckpointFormatError(
-                f"{path}: header gives tensor '{name}' bytes [{begin}, {end}), but shape {list(shape)} of "
+                f"{label}: header gives tensor '{name}' bytes [{begin}, {end}), but shape {list(shape)} of "
                 f"{spec['dtype']} needs {info.nbytes} bytes; the header is corrupt"
             )
         entries.append((begin, name, TensorEntry(info, path, data_start + begin)))
@@ -85,17 +94,17 @@ def read_safetensors_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str
     for begin, name, entry in entries:
         if begin != cursor:
             raise CheckpointFormatError(
-                f"{path}: tensor '{name}' starts at byte {begin} of the data, expected {cursor} "
+                f"{label}: tensor '{name}' starts at byte {begin} of the data, expected {cursor} "
                 "(overlapping or gapped offsets); the header is corrupt"
             )
         cursor = begin + entry.info.nbytes
     if cursor > data_size:
         raise CheckpointFormatError(
-            f"{path}: header promises {cursor} bytes of tensor data but the file holds {data_size}; "
+            f"{label}: header promises {cursor} bytes of tensor data but the file holds {data_size}; "
             "the file is truncated"
         )
     if cursor < data_size:
         raise CheckpointFormatError(
-            f"{path}: {data_size - cursor} bytes after the last tensor; the header does not describe the file"
+            f"{label}: {data_size - cursor} bytes after the last tensor; the header does not describe the file"
         )
     return {name: entry for _, name, entry in entries}, {str(k): str(v) for k, v in metadata.items()}

@@ -14,10 +14,11 @@ import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from ckptavg.errors import CheckpointFormatError, UnsafePickleError
+from ckptavg.errors import CheckpointFormatError, CkptavgError, UnsafePickleError
 from ckptavg.sources.checkpoint import TensorEntry, TensorInfo
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -49,17 +50,31 @@ def load_torch_file(path: Path, *, allow_legacy: bool = False) -> tuple[object, 
     return obj, _offset_finder(path, obj)
 
 
-def _load(path: Path, *, mmap: bool) -> object:
+def read_torch_structure(f: BinaryIO, where: str) -> object:
+    """The unpickled object of a torch zip file read as a stream (a file on a Hub, by HTTP range), with
+    every tensor's shape and dtype but no data: under ``skip_data`` torch reads the zip directory and
+    the pickle only. Storages are allocated but never touched, so they take address space, not memory."""
+    if f.read(4) != _ZIP_MAGIC:
+        raise CheckpointFormatError(f"{where}: not a torch zip file (a legacy pickle cannot be read from a Hub)")
+    f.seek(0)
+    with torch.serialization.skip_data():
+        return _load(f, mmap=False, where=where)
+
+
+def _load(path: Path | BinaryIO, *, mmap: bool, where: str | None = None) -> object:
+    where = where or str(path)
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except CkptavgError:
+        raise
     except pickle.UnpicklingError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
         raise UnsafePickleError(
-            f"{path}: holds objects other than plain weights, refused by weights_only=True ({detail})"
+            f"{where}: holds objects other than plain weights, refused by weights_only=True ({detail})"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(f"{path}: cannot be read as a torch checkpoint ({first})") from e
+        raise CheckpointFormatError(f"{where}: cannot be read as a torch checkpoint ({first})") from e
 
 
 def _record_offsets(path: Path) -> dict[str, int]:
@@ -108,9 +123,13 @@ def iter_tensors(obj: object) -> list[torch.Tensor]:
 
 
 def state_dict_entries(
-    path: Path, state_dict: object, offset: Callable[[torch.Tensor], int], *, strip_prefix: str = ""
+    path: Path, state_dict: object, offset: Callable[[torch.Tensor], int] | None, *, strip_prefix: str = ""
 ) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Entries for a flat ``{name: tensor}`` dict, and the aliases among names sharing one storage."""
+    """Entries for a flat ``{name: tensor}`` dict, and the aliases among names sharing one storage.
+
+    ``offset`` gives a tensor's byte offset in ``path`` (-1: keep the loaded tensor and read from
+    memory); None means the file is not here yet, and the entries only describe its tensors.
+    """
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
@@ -127,7 +146,11 @@ def state_dict_entries(
             aliases[name] = seen[key]
             continue
         seen[key] = name
+        info = TensorInfo(tuple(t.shape), t.dtype)
+        if offset is None:
+            entries[name] = TensorEntry(info, path)
+            continue
         off = offset(t)
-        entries[name] = TensorEntry(TensorInfo(tuple(t.shape), t.dtype), path, off, tensor=t if off < 0 else None)
+        entries[name] = TensorEntry(info, path, off, tensor=t if off < 0 else None)
     ordered = dict(sorted(entries.items(), key=lambda kv: kv[1].offset))
     return ordered, aliases

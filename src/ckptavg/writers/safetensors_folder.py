@@ -82,6 +82,7 @@ class FolderWriter:
         self.tmp = final.parent / f".{final.name}{TMP_MARK}{provenance.get('plan_id', os.getpid())}"
         self._lock_fd = -1
         self._progress = -1
+        self._done = 0
         with_aliases = list(tensors) + [(a, dict(tensors)[c]) for a, c in aliases.items()]
         self.aliases_of: dict[str, list[str]] = {}
         for a, c in aliases.items():
@@ -145,7 +146,11 @@ class FolderWriter:
         return done
 
     def tensor_done(self, count: int) -> None:
-        """Record that the first ``count`` tensors are fully written (what a resumed run may skip)."""
+        """Record that the first ``count`` tensors are fully written (what a resumed run may skip).
+
+        Never goes back: a Hub run's unit may rewrite tensors this output already has, for a
+        neighbouring output that had fewer."""
+        count = self._done = max(count, self._done)
         record = json.dumps(
             {"plan_id": self.provenance.get("plan_id"), "layout": self.layout_id, "tensors_done": count}
         ).encode()

@@ -1,0 +1,224 @@
+"""Which weight files of which revisions are on disk when: the order of work for runs on a Hub.
+
+A 12B Pythia checkpoint is three ``.bin`` shards (about 10, 10 and 4 GB) and a LAWA window needs k of
+them; downloading whole windows would take k x 24 GB of disk. So the work is cut into units: the
+tensors of one weight file of the newest member (a "shard position"), for a consecutive range of
+windows whose files for those tensors fit in the disk budget together. A unit downloads only those
+files, averages those tensors into its outputs and deletes what the next unit does not need, so the
+disk holds k shards, not k checkpoints, and a file shared by neighbouring windows is downloaded once.
+The outputs stay open across units (their writers take tensors in any order).
+
+A thread downloads the next unit's files while the current one is averaged, inside the same budget:
+a larger budget buys overlap, the smallest one still works. Local runs are a single unit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptavg.errors import InvalidArgumentError
+from ckptavg.progress import human_bytes
+from ckptavg.sources import Checkpoint, close_files
+from ckptavg.windows import Window
+
+FileKey = tuple[int, str]  # (member id, weight file of that member)
+
+
+@dataclass(frozen=True)
+class Unit:
+    lo: int  # windows [lo, hi) of the job
+    hi: int
+    names: tuple[str, ...]  # tensors: a contiguous part of the outputs' tensor order
+    offset: int  # position of names[0] in that order
+    files: frozenset[FileKey]
+
+
+def tensor_groups(ref: Checkpoint) -> list[list[str]]:
+    """The outputs' tensor order, cut where the newest member's weight files change (local: one group)."""
+    if ref.remote is None:
+        return [list(ref.entries)]
+    groups: dict[str, list[str]] = {}
+    for name in ref.entries:
+        groups.setdefault(ref.remote.file_of[name], []).append(name)
+    return list(groups.values())
+
+
+def plan_units(
+    windows: Sequence[Window],
+    members: dict[int, Checkpoint],
+    groups: list[list[str]],
+    budget: int | None,
+    reserved: int = 0,
+) -> tuple[list[Unit], int]:
+    """Units in the order they run: group by group, and within a group as many consecutive windows as
+    fit in ``budget`` minus ``reserved`` (config files held to the end). Default budget: what the
+    largest window's files take whole, the most a user has to have free for one window anyway.
+    Returns the units and the budget in bytes."""
+    names = [n for g in groups for n in g]
+    if not any(members[m].remote for w in windows for m in w.steps):
+        return [Unit(0, len(windows), tuple(names), 0, frozenset())], 0
+
+    def files(lo: int, hi: int, group: list[str]) -> set[FileKey]:
+        return {(m, f) for w in windows[lo:hi] for m in w.steps for f in members[m].files_of(group)}
+
+    def size(keys: set[FileKey]) -> int:
+        return files_bytes(members, keys)
+
+    whole = max(size(files(j, j + 1, names)) for j in range(len(windows)))
+    limit = (budget or whole + reserved) - reserved
+    units: list[Unit] = []
+    offset = 0
+    for group in groups:
+        lo, held = 0, set[FileKey]()
+        for j in range(len(windows)):
+            need = files(j, j + 1, group)
+            if size(need) > limit:
+                shard = members[windows[j].steps[-1]].files_of(group)
+                raise InvalidArgumentError(
+                    f"--disk-budget {human_bytes(budget or 0)} is too small: the window for step {windows[j].end} "
+                    f"needs {human_bytes(size(need) + reserved)} on disk at once ({len(need)} files, "
+                    f"{', '.join(sorted(shard))} of each member"
+                    + (f", plus {human_bytes(reserved)} of config, tokenizer and index files)" if reserved else ")")
+                )
+            if held and size(held | need) > limit:
+                units.append(Unit(lo, j, tuple(group), offset, frozenset(held)))
+                lo, held = j, set()
+            held |= need
+        units.append(Unit(lo, len(windows), tuple(group), offset, frozenset(held)))
+        offset += len(group)
+    return units, limit + reserved
+
+
+def files_bytes(members: dict[int, Checkpoint], keys: Iterable[FileKey]) -> int:
+    return sum(_size(members, k) for k in keys)
+
+
+def _size(members: dict[int, Checkpoint], key: FileKey) -> int:
+    remote = members[key[0]].remote
+    assert remote is not None
+    return remote.sizes[key[1]]
+
+
+class Downloader:
+    """Fetches each unit's files on a thread, at most one unit ahead of the averaging and never past the
+    budget: ``ready`` waits for a unit's files, ``release`` deletes those the next unit does not need.
+
+    The budget counts what this run brought into the cache and still holds (reserved up front for a
+    download in flight). Files that were cached before the run are the user's: used, never deleted.
+    """
+
+    def __init__(self, units: list[Unit], members: dict[int, Checkpoint], budget: int, held: int = 0) -> None:
+        self.units = units
+        self.members = members
+        self.budget = budget
+        self.cond = threading.Condition()
+        self.local: dict[FileKey, tuple[Path, bool]] = {}  # downloaded: path, and whether ours to delete
+        self.attached: set[FileKey] = set()
+        self.held = held
+        self.peak = held
+        self.fetched = 0  # units whose files are all here
+        self.released = 0  # units done with
+        self.downloads: list[FileKey] = []
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="ckptavg-downloader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for u, unit in enumerate(self.units):
+                with self.cond:
+                    self.cond.wait_for(lambda u=u: self.closed or self.released >= u - 1)  # type: ignore[misc]
+                for key in sorted(unit.files):
+                    need = _size(self.members, key)
+                    with self.cond:
+                        if key in self.local:  # kept from the unit before
+                            continue
+                        self.cond.wait_for(lambda need=need: self.closed or self.held + need <= self.budget)  # type: ignore[misc]
+                        if self.closed:
+                            return
+                        self.held += need
+                        self.peak = max(self.peak, self.held)
+                    remote = self.members[key[0]].remote
+                    assert remote is not None
+                    try:
+                        path, ours = remote.download(key[1])
+                    except BaseException:
+                        with self.cond:
+                            self.held -= need
+                        raise
+                    with self.cond:
+                        self.local[key] = (path, ours)
+                        if ours:
+                            self.downloads.append(key)
+                        else:
+                            self.held -= need
+                with self.cond:
+                    self.fetched = u + 1
+                    self.cond.notify_all()
+        except BaseException as e:  # raised again by ready() in the main thread
+            with self.cond:
+                self.error = e
+                self.cond.notify_all()
+
+    def ready(self, u: int) -> None:
+        """Wait until unit ``u``'s files are here, and point its members' entries at them."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.error is not None or self.fetched > u)
+            if self.error is not None:
+                raise self.error
+        for key in sorted(self.units[u].files - self.attached):
+            ckpt = self.members[key[0]]
+            assert ckpt.remote is not None
+            ckpt.remote.attach(ckpt, key[1], self.local[key][0])
+            self.attached.add(key)
+
+    def release(self, u: int) -> None:
+        """Unit ``u`` is averaged: delete its files that the next unit does not use."""
+        later = self.units[u + 1].files if u + 1 < len(self.units) else frozenset()
+        for key in sorted(self.units[u].files - later):
+            self._drop(key)
+        with self.cond:
+            self.released = u + 1
+            self.cond.notify_all()
+
+    def _drop(self, key: FileKey) -> None:
+        with self.cond:
+            path, ours = self.local.pop(key)
+        ckpt = self.members[key[0]]
+        if key in self.attached:
+            assert ckpt.remote is not None
+            ckpt.remote.detach(ckpt, key[1])
+            self.attached.discard(key)
+        close_files(path)
+        if ours:
+            evict(path)
+            with self.cond:
+                self.held -= _size(self.members, key)
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        """Stop, and delete every file this run still holds (also after an error: a rerun would take
+        them for the user's own and never delete them). A download cut short stays as huggingface_hub's
+        ``.incomplete`` file, which the next run continues."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join(timeout=10)
+        for key in list(self.local):
+            self._drop(key)
+
+
+def evict(link: Path) -> None:
+    """Delete a downloaded file from the huggingface_hub cache: its snapshot link, and the blob it points
+    to unless another snapshot still links to it (revisions share blobs, e.g. an unchanged tokenizer)."""
+    blob = link.resolve()
+    link.unlink(missing_ok=True)
+    if blob == link:  # a cache without symlinks holds copies
+        return
+    snapshots = blob.parent.parent / "snapshots"
+    if not any(p.is_symlink() and p.resolve() == blob for p in snapshots.rglob("*")):
+        blob.unlink(missing_ok=True)

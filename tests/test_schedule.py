@@ -1,0 +1,135 @@
+"""The order of work for Hub runs: units shard by shard within a budget, and the downloader thread.
+
+The remote here is a folder of real files standing in for a Hub revision (the Hub path itself is tested
+against the Hub-like server in test_hub.py); what is under test is the scheduling around it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptavg.errors import InvalidArgumentError
+from ckptavg.schedule import Downloader, plan_units, tensor_groups
+from ckptavg.sources import Checkpoint, TensorEntry, TensorInfo
+from ckptavg.windows import Window
+
+SHARDS = {"a.bin": ["x", "y"], "b.bin": ["z"]}  # two shard positions, as in an index
+
+
+class FolderRemote:
+    """A revision whose 'downloads' copy files into a cache folder, logging when they start."""
+
+    def __init__(self, step: int, cache: Path, log: list[tuple[str, int, str]]):
+        self.step, self.cache, self.log = step, cache, log
+        self.sizes = {f: 100 for f in SHARDS}
+        self.file_of = {n: f for f, names in SHARDS.items() for n in names}
+        self.extras: dict[str, int] = {}
+        self.planning: list[Path] = []
+
+    def download(self, filename: str) -> tuple[Path, bool]:
+        self.log.append(("download", self.step, filename))
+        path = self.cache / f"{self.step}-{filename}"
+        path.write_bytes(b"\0" * self.sizes[filename])
+        return path, True
+
+    def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:
+        self.log.append(("attach", self.step, filename))
+
+    def detach(self, ckpt: Checkpoint, filename: str) -> None:
+        pass
+
+
+def members(steps: list[int], cache: Path, log: list[tuple[str, int, str]]) -> dict[int, Checkpoint]:
+    info = TensorInfo((2,), torch.float16)
+    out = {}
+    for s in steps:
+        remote = FolderRemote(s, cache, log)
+        entries = {n: TensorEntry(info, Path(f)) for f, names in SHARDS.items() for n in names}
+        out[s] = Checkpoint(s, f"rev{s}", "bin", entries, remote=remote)
+    return out
+
+
+def lawa(ends: list[int], k: int = 2) -> list[Window]:
+    return [Window(e, tuple(range(e - (k - 1) * 1000, e + 1, 1000)), tuple([1 / k] * k)) for e in ends]
+
+
+def test_units_go_shard_by_shard_and_group_windows_that_fit(tmp_path: Path):
+    ms = members([1000, 2000, 3000, 4000], tmp_path, [])
+    windows = lawa([2000, 3000, 4000])
+    groups = tensor_groups(ms[4000])
+    assert groups == [["x", "y"], ["z"]]
+    units, budget = plan_units(windows, ms, groups, 300)  # three 100-byte files at once
+    assert budget == 300
+    assert [(u.lo, u.hi, u.names, u.offset) for u in units] == [
+        (0, 2, ("x", "y"), 0),  # windows 2000 and 3000 share step 2000: three files
+        (2, 3, ("x", "y"), 0),
+        (0, 2, ("z",), 2),
+        (2, 3, ("z",), 2),
+    ]
+    assert units[0].files == {(1000, "a.bin"), (2000, "a.bin"), (3000, "a.bin")}
+    default, budget = plan_units(windows, ms, groups, None, reserved=7)
+    assert budget == 2 * 200 + 7 and len(default) == 2  # one window's files whole: each shard position once
+    with pytest.raises(InvalidArgumentError, match=r"--disk-budget 199 B is too small: the window for step 2000 "):
+        plan_units(windows, ms, groups, 199)
+
+
+def wait(cond: threading.Condition, pred: object, timeout: float = 5) -> bool:
+    with cond:
+        return cond.wait_for(pred, timeout)  # type: ignore[arg-type]
+
+
+def test_downloads_run_a_unit_ahead_when_the_budget_allows(tmp_path: Path):
+    log: list[tuple[str, int, str]] = []
+    ms = members([1000, 2000, 3000], tmp_path, log)
+    units, _ = plan_units(lawa([2000, 3000]), ms, tensor_groups(ms[3000]), 200)
+    assert len(units) == 4
+    d = Downloader(units, ms, budget=400)
+    try:
+        d.ready(0)
+        assert wait(d.cond, lambda: d.fetched == 2)  # unit 1's files arrive while unit 0 is averaged
+        assert d.peak == 300  # step 2000's a.bin serves both units: three files, not four
+        d.release(0)
+        assert not (tmp_path / "1000-a.bin").exists() and (tmp_path / "2000-a.bin").exists()  # kept for unit 1
+        d.ready(1)
+        d.release(1)
+        assert [e for e in log if e[0] == "download"].count(("download", 2000, "a.bin")) == 1
+    finally:
+        d.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_downloads_wait_for_space_when_the_budget_holds_one_unit(tmp_path: Path):
+    log: list[tuple[str, int, str]] = []
+    ms = members([1000, 2000, 3000], tmp_path, log)
+    units, budget = plan_units(lawa([2000, 3000]), ms, tensor_groups(ms[3000]), 200)
+    d = Downloader(units, ms, budget=budget)
+    try:
+        d.ready(0)
+        time.sleep(0.3)
+        assert d.fetched == 1 and d.held == 200  # 3000/a.bin would not fit before 1000/a.bin goes
+        d.release(0)
+        d.ready(1)
+        assert d.peak == 200
+    finally:
+        d.close()
+
+
+def test_a_failed_download_reaches_the_caller_and_nothing_stays(tmp_path: Path):
+    log: list[tuple[str, int, str]] = []
+    ms = members([1000, 2000], tmp_path, log)
+
+    def broken(filename: str) -> tuple[Path, bool]:
+        raise OSError(f"connection reset while downloading {filename}")
+
+    ms[2000].remote.download = broken  # type: ignore[union-attr,method-assign]
+    units, budget = plan_units(lawa([2000]), ms, tensor_groups(ms[2000]), None)
+    d = Downloader(units, ms, budget=budget)
+    with pytest.raises(OSError, match="connection reset while downloading a.bin"):
+        d.ready(0)
+    d.close()
+    assert not list(tmp_path.iterdir()) and d.held == 0
