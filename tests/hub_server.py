@@ -3,10 +3,11 @@
 Repositories are folders: ``root/ORG/NAME/BRANCH/<files>``. Each branch has a fixed commit hash, and
 revisions may be given as branch names or hashes, as the real Hub accepts. ``faults`` injects what the
 real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NAME"}}`` for 401s,
-``{"drop": {"pytorch_model.bin": n}}`` to cut the next n downloads of a file half way, and
+``{"drop": {"pytorch_model.bin": n}}`` to cut the next n downloads of a file half way,
 ``{"short": {"pytorch_model.bin": n}}`` to send every download of it n bytes short of the size its HEAD
-announced. Faults hit downloads (no Range, or an open one ``bytes=N-`` that resumes), not the closed
-ranges that read headers. ``requests`` logs every request with its Range.
+announced, ``{"slow": {"pytorch_model.bin": seconds}}`` to wait before answering. Faults hit downloads
+(no Range, or an open one ``bytes=N-`` that resumes), not the closed ranges that read headers.
+``requests`` logs every request with its Range.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -144,6 +146,8 @@ class HubServer:
             data, status = data[start : end + 1], 206
         download = not head and not (rng and not rng.endswith("-"))  # whole file, or a resumed download
         drops, shorts = self.faults.get("drop", {}), self.faults.get("short", {})
+        if download and file.name in self.faults.get("slow", {}):
+            time.sleep(self.faults["slow"][file.name])
         if download and drops.get(file.name, 0) > 0:  # promise the whole body, send half, hang up
             drops[file.name] -= 1
             h.send_response(status)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,45 @@ def test_a_download_cut_by_a_killed_run_is_continued_not_restarted(hub: HubServe
     b = load_file(tmp_path / "l" / "step2000" / "model.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not list(blobs.iterdir())
+
+
+def test_a_killed_run_resumes_after_its_finished_units_without_downloading_them_again(hub: HubServer, tmp_path: Path):
+    index = json.loads((hub.root / SHARDED / "step4000" / "pytorch_model.bin.index.json").read_text())
+    first = [n for n, f in index["weight_map"].items() if f == "pytorch_model-00001-of-00003.bin"]
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "ckptavg", "lawa", "--repo", SHARDED, "--steps", "2000:4000", "--k", "2"]
+    cmd += ["--out", str(out), *hub_args(hub, tmp_path)]
+    hub.faults["slow"] = {"pytorch_model-00002-of-00003.bin": 30}  # the run stalls on the second shards
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [json.loads(p.read_bytes())["tensors_done"] for p in out.glob(".step*/progress.json")]
+            if len(done) == 3 and min(done) >= len(first):
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        hub.faults.pop("slow")
+    assert len(done) == 3 and min(done) >= len(first), done
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]  # no output is whole yet
+
+    hub.requests.clear()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "resuming an interrupted run after" in again.stderr
+    got = downloads(hub)
+    assert got and not [r for r in got if "00001-of-00003" in r], got  # the first shards were done with
+    local = CliRunner().invoke(
+        cli,
+        ["lawa", str(hub.local_sharded), "--steps", "2000:4000", "--k", "2", "--out", str(tmp_path / "l")],  # type: ignore[attr-defined]
+    )
+    assert local.exit_code == 0, local.output
+    for s in (2000, 3000, 4000):
+        a = load_file(out / f"step{s}" / "model.safetensors")
+        b = load_file(tmp_path / "l" / f"step{s}" / "model.safetensors")
+        assert all(torch.equal(a[n], b[n]) for n in b)
 
 
 def test_a_file_shorter_than_announced_is_an_error_and_is_not_used(hub: HubServer, tmp_path: Path):
