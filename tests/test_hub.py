@@ -119,6 +119,7 @@ def test_plan_fails_before_any_download(hub: HubServer, tmp_path: Path):
     )
     assert dry.exit_code == 0, dry.output
     assert [json.loads(ln)["bytes_to_read"] > 0 for ln in dry.stdout.splitlines()] == [True, True]
+    assert "ckptavg: downloads 5 weight files" in dry.stderr  # steps 2000 and 4000 whole, 3000 in 3 shards
     # Weights were not downloaded: only their headers were read, by closed ranges of at most 64 KiB.
     weights = [req for req in hub.requests if "/resolve/" in req and re.search(r"\.bin( \[|$)", req)]
     assert weights and all(re.search(r"\[bytes=(\d+)-(\d+)\]$", req) for req in weights), weights

@@ -194,6 +194,22 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
+def downloads(plan: Plan, budget: int | None = None) -> dict[str, int] | None:
+    """For a Hub plan: how many weight files a run downloads and their bytes in all (each once, unless
+    the budget forces a file out between two uses), the budget, and the units the work is cut into."""
+    if not any(c.remote for c in plan.members.values()):
+        return None
+    ref = plan.members[max(m for w in plan.windows for m in w.steps)]
+    units, limit = schedule.plan_units(plan.windows, plan.members, schedule.tensor_groups(ref), budget)
+    fetched = [k for i, u in enumerate(units) for k in u.files if i == 0 or k not in units[i - 1].files]
+    return {
+        "files": len(fetched),
+        "bytes": schedule.files_bytes(plan.members, fetched),
+        "budget": limit,
+        "units": len(units),
+    }
+
+
 def _subplan(plan: Plan, lo: int, hi: int) -> Plan:
     windows, outputs = plan.windows[lo:hi], plan.outputs[lo:hi]
     members = {m: plan.members[m] for m in sorted({m for w in windows for m in w.steps})}

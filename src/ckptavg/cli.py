@@ -171,9 +171,17 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _emit_plan(plan: Plan, as_json: bool) -> None:
-    from ckptavg.api import describe
+def _emit_plan(plan: Plan, as_json: bool, budget: int | None = None) -> None:
+    from ckptavg.api import describe, downloads
     from ckptavg.progress import human_bytes
+
+    fetch = downloads(plan, budget)
+    if fetch is not None:  # on stderr: stdout keeps one row per output
+        click.echo(
+            f"ckptavg: downloads {fetch['files']} weight files, {human_bytes(fetch['bytes'])} in all, in "
+            f"{fetch['units']} parts holding at most {human_bytes(fetch['budget'])} (--disk-budget)",
+            err=True,
+        )
 
     for row in describe(plan):
         if as_json:
@@ -309,7 +317,7 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
 
     plan = api.task_share(_plan(name, kw), *task_from_env(kw["task_index"], kw["num_tasks"]))
     if kw["dry_run"]:
-        _emit_plan(plan, kw["as_json"])
+        _emit_plan(plan, kw["as_json"], kw["disk_budget"])
         return
     if kw["fmt"] == "ckpt" and any(c.format != "nanogpt" for c in plan.members.values()):
         raise click.UsageError("--format ckpt is for nanoGPT sources")
