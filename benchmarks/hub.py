@@ -1,19 +1,28 @@
 #!/usr/bin/env python
 """The Hub path against local files: one trajectory from the loopback test Hub and from disk.
 
-Serves a synthetic Pythia-layout run (made by make_checkpoints.py) from tests/hub_server.py on
-127.0.0.1, runs `ckptavg lawa --repo ... --disk-budget ...` and `ckptavg lawa RUN ...` on the same
-windows, and reports: wall time of each (the Hub path's overhead as a ratio), bytes downloaded against
-what a naive approach downloads (every member of every window), and the cache's peak size against the
-budget (sampled every 10 ms).
+Serves a Pythia-layout run (made by make_checkpoints.py; optionally re-saved in N `.bin` shards with an
+index, as Pythia-12B's are) from tests/hub_server.py on 127.0.0.1, and runs the same LAWA trajectory
+with `ckptavg lawa --repo ... --disk-budget B` for each budget asked for and with `ckptavg lawa RUN` on
+the very same files. Reports per run: wall time (the Hub path's overhead as a ratio to local files),
+weight files downloaded against a naive approach (every member of every window), the cache's peak size
+(sampled every 10 ms) against the budget and against one window's checkpoints, and the bytes planning
+read from weight files (headers, by HTTP range).
 
     .venv/bin/python benchmarks/hub.py --data /work/benchdata/pythia-160m --ends 5000:8000 --k 5
+    .venv/bin/python benchmarks/hub.py --data /work/benchdata/12b-slice --ends 5000:5000 --k 5 \\
+        --shards 3 --budgets window,min
+
+Budgets: `window` (the default: one window's checkpoints whole), `min` (k of the largest shard, plus
+config and tokenizer files), or a number of bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,9 +36,48 @@ os.environ.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", NO_PROXY
 
 from hub_server import HubServer  # noqa: E402
 
+CKPTAVG = [sys.executable, "-m", "ckptavg"]
+REPO = "bench/pythia"
+
 
 def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def reshard(src: Path, dst: Path, shards: int) -> None:
+    """Re-save one checkpoint as `shards` .bin files of about equal size, with Pythia's index."""
+    import torch
+
+    state = torch.load(src / "pytorch_model.bin", mmap=True, weights_only=True)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    parts: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        if size >= total * len(parts) / shards and len(parts) < shards:
+            parts.append([])
+        parts[-1].append(name)
+        size += t.numel() * t.element_size()
+    weight_map = {}
+    for i, names in enumerate(parts, 1):
+        fname = f"pytorch_model-{i:05d}-of-{len(parts):05d}.bin"
+        torch.save({n: state[n] for n in names}, dst / fname)
+        weight_map.update(dict.fromkeys(names, fname))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    for f in src.iterdir():
+        if f.name != "pytorch_model.bin":
+            os.link(f, dst / f.name)
+
+
+def lawa(source: list[str], args: argparse.Namespace, out: Path, *extra: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        [*CKPTAVG, "lawa", *source, "--steps", args.ends, "--k", str(args.k), "--interval", "1000"]
+        + ["--out", str(out), "-q", *extra],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -37,101 +85,78 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="a run folder of step{N}/ checkpoints")
     ap.add_argument("--ends", default="5000:8000", help="window ends START:END (interval 1000)")
     ap.add_argument("--k", type=int, default=5)
-    ap.add_argument("--budget-windows", type=float, default=1.0, help="disk budget in windows' worth")
+    ap.add_argument("--shards", type=int, default=1, help="serve each checkpoint in this many .bin shards")
+    ap.add_argument("--budgets", default="window", help="comma list: window, min, or bytes")
     args = ap.parse_args()
     start, end = (int(x) for x in args.ends.split(":"))
     steps = sorted({e - i * 1000 for e in range(start, end + 1, 1000) for i in range(args.k)})
-    ckptavg = [sys.executable, "-m", "ckptavg"]
-    with tempfile.TemporaryDirectory(prefix="ckptavg-hubbench-") as tmp:
+    windows = (end - start) // 1000 + 1
+    with tempfile.TemporaryDirectory(prefix="ckptavg-hubbench-", dir=args.data.parent) as tmp:
         tmpd = Path(tmp)
-        hub_root = tmpd / "hub" / "bench" / "pythia"
-        for s in steps:  # hard links: the server reads the same bytes without copying gigabytes
-            (hub_root / f"step{s}").mkdir(parents=True)
-            for f in (args.data / f"step{s}").iterdir():
-                os.link(f, hub_root / f"step{s}" / f.name)
-        ckpt_bytes = max(tree_bytes(args.data / f"step{s}") for s in steps)
-        budget = int(ckpt_bytes * args.k * args.budget_windows)
-        windows = (end - start) // 1000 + 1
-        subprocess.run(
-            ["cat", *[str(p) for s in steps for p in (args.data / f"step{s}").iterdir()]],
-            stdout=subprocess.DEVNULL,
-            check=True,
-        )  # warm the page cache for both contenders
+        run = tmpd / "hub" / REPO  # served by the Hub and read as a local run: the very same files
+        for s in steps:
+            (run / f"step{s}").mkdir(parents=True)
+            if args.shards > 1:
+                reshard(args.data / f"step{s}", run / f"step{s}", args.shards)
+            else:  # hard links: the server reads the same bytes without copying gigabytes
+                for f in (args.data / f"step{s}").iterdir():
+                    os.link(f, run / f"step{s}" / f.name)
+        ckpt_bytes = max(tree_bytes(run / f"step{s}") for s in steps)
+        weights = [f for s in steps for f in (run / f"step{s}").glob("pytorch_model*.bin")]
+        shard = max(f.stat().st_size for f in weights)
+        small = max(
+            tree_bytes(run / f"step{s}") - sum(f.stat().st_size for f in weights if f.parent.name == f"step{s}")
+            for s in steps
+        )
+        subprocess.run(["cat", *map(str, weights)], stdout=subprocess.DEVNULL, check=True)  # warm page cache
+        local_s = lawa([str(run)], args, tmpd / "local-out")
+        rows = [
+            f"| trajectory | {windows} windows, k={args.k}, {len(steps)} checkpoints of {ckpt_bytes / 1e9:.3f} GB"
+            f" in {args.shards} file{'s' * (args.shards > 1)} |",
+            "|---|---|",
+            f"| local files | {local_s:.1f} s |",
+        ]
         with HubServer(tmpd / "hub") as server:
-            cache = tmpd / "cache"
-            peak, stop = [0], threading.Event()
+            for i, name in enumerate(args.budgets.split(",")):
+                budget = {
+                    "window": ckpt_bytes * args.k,
+                    "min": args.k * shard + windows * small + 10**6,  # + index files, held to the end
+                }.get(name) or int(name)
+                cache = tmpd / f"cache{i}"
+                peak, stop = [0], threading.Event()
 
-            def watch() -> None:
-                while not stop.is_set():
-                    if cache.exists():
-                        peak[0] = max(peak[0], tree_bytes(cache))
-                    time.sleep(0.01)
+                def watch(cache: Path = cache, peak: list[int] = peak, stop: threading.Event = stop) -> None:
+                    while not stop.is_set():
+                        if cache.exists():
+                            peak[0] = max(peak[0], tree_bytes(cache))
+                        time.sleep(0.01)
 
-            watcher = threading.Thread(target=watch, daemon=True)
-            watcher.start()
-            t0 = time.perf_counter()
-            subprocess.run(
-                [
-                    *ckptavg,
-                    "lawa",
-                    "--repo",
-                    "bench/pythia",
-                    "--endpoint",
-                    server.url,
-                    "--cache-dir",
-                    str(cache),
-                    "--steps",
-                    args.ends,
-                    "--k",
-                    str(args.k),
-                    "--interval",
-                    "1000",
+                watcher = threading.Thread(target=watch, daemon=True)
+                server.requests.clear()
+                watcher.start()
+                hub_s = lawa(
+                    ["--repo", REPO, "--endpoint", server.url, "--cache-dir", str(cache)],
+                    args,
+                    tmpd / f"hub-out{i}",
                     "--disk-budget",
                     str(budget),
-                    "--out",
-                    str(tmpd / "hub-out"),
-                    "-q",
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            hub_s = time.perf_counter() - t0
-            stop.set()
-            watcher.join()
-            downloaded = sum(
-                int(r.split()[0] == "GET" and "/resolve/" in r and r.endswith((".bin", ".safetensors")))
-                for r in server.requests
-            )
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                *ckptavg,
-                "lawa",
-                str(args.data),
-                "--steps",
-                args.ends,
-                "--k",
-                str(args.k),
-                "--interval",
-                "1000",
-                "--out",
-                str(tmpd / "local-out"),
-                "-q",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        local_s = time.perf_counter() - t0
-        naive = windows * args.k
-        print(f"| trajectory | {windows} windows, k={args.k}, {len(steps)} checkpoints of {ckpt_bytes / 1e9:.3f} GB |")
-        print("|---|---|")
-        print(f"| local files | {local_s:.1f} s |")
-        print(f"| loopback Hub | {hub_s:.1f} s ({hub_s / local_s:.2f}x local) |")
-        print(
-            f"| weight files downloaded | {downloaded} (naive, every member of every window: {naive}; "
-            f"{downloaded / naive:.2f}x) |"
-        )
-        print(f"| peak cache | {peak[0] / 1e9:.3f} GB (budget {budget / 1e9:.3f} GB; {peak[0] / budget:.2f}x) |")
+                )
+                stop.set()
+                watcher.join()
+                gets = [r for r in server.requests if r.startswith("GET") and re.search(r"\.bin( \[bytes=\d+-\])?$", r)]
+                ranges = [tuple(map(int, m)) for r in server.requests for m in re.findall(r"\[bytes=(\d+)-(\d+)\]$", r)]
+                header = sum(b + 1 - a for a, b in ranges)
+                naive = windows * args.k * args.shards
+                rows += [
+                    f"| loopback Hub, budget {name} ({budget / 1e9:.2f} GB) | {hub_s:.1f} s ({hub_s / local_s:.2f}x local) |",
+                    f"| &nbsp; weight files downloaded | {len(gets)} (naive, every member of every window: {naive}; "
+                    f"{len(gets) / naive:.2f}x) |",
+                    f"| &nbsp; peak cache | {peak[0] / 1e9:.2f} GB ({peak[0] / budget:.2f}x the budget, "
+                    f"{peak[0] / (ckpt_bytes * args.k):.2f}x one window's checkpoints) |",
+                    f"| &nbsp; read by planning | {header / 1e6:.2f} MB in {len(ranges)} range requests "
+                    f"({header / sum(f.stat().st_size for f in weights):.1e} of the weight bytes) |",
+                ]
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import hashlib
 import json
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,12 @@ class Options:
 
 
 def _plan_from_run(run: Run, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
-    members = {s: run.checkpoint(s) for s in sorted({s for w in windows for s in w.steps})}
+    steps = sorted({s for w in windows for s in w.steps})
+    if run.opener is None:
+        members = {s: run.checkpoint(s) for s in steps}
+    else:  # a Hub: each header is a few round trips, so read several at once
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            members = dict(zip(steps, pool.map(run.checkpoint, steps), strict=True))
     plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
     check_members(plan)
     return plan
