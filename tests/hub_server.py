@@ -7,6 +7,7 @@ real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NA
 ``{"short": {"pytorch_model.bin": n}}`` to send every download of it n bytes short of the size its HEAD
 announced, ``{"slow": {"pytorch_model.bin": seconds}}`` to wait before answering. Faults hit downloads
 (no Range, or an open one ``bytes=N-`` that resumes), not the closed ranges that read headers.
+``{"unresolvable": {"pytorch_model.bin"}}`` lists a file but answers 404 when it is fetched.
 ``requests`` logs every request with its Range.
 """
 
@@ -113,7 +114,7 @@ class HubServer:
                 return self.send(h, 404, b"no revision", head, {"X-Error-Code": "RevisionNotFound"})
             sha, folder = found
             file = folder / "/".join(parts[4:])
-            if not file.is_file():
+            if not file.is_file() or file.name in self.faults.get("unresolvable", set()):
                 return self.send(h, 404, b"no file", head, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha})
             return self.file(h, file, sha, head)
         return self.send(h, 404, b"unknown route", head)

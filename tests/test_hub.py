@@ -326,6 +326,21 @@ def test_a_killed_run_resumes_after_its_finished_units_without_downloading_them_
         assert all(torch.equal(a[n], b[n]) for n in b)
 
 
+def test_a_header_that_cannot_be_read_fails_the_plan_in_one_line(hub: HubServer, tmp_path: Path):
+    hub.faults["unresolvable"] = {"pytorch_model-00002-of-00003.bin"}
+    try:
+        r = CliRunner().invoke(
+            cli, ["plan", "--repo", REPO, "--steps", "3000:3000", "--k", "2", *hub_args(hub, tmp_path)]
+        )
+    finally:
+        hub.faults.pop("unresolvable")
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (
+        f"Error: {REPO} on {hub.url}: file not found while trying to read the header of "
+        "pytorch_model-00002-of-00003.bin of step3000"
+    )
+
+
 def test_a_file_shorter_than_announced_is_an_error_and_is_not_used(hub: HubServer, tmp_path: Path):
     cmd = ["lawa", "--repo", REPO, "--steps", "2000:2000", "--k", "2", *hub_args(hub, tmp_path)]
     r = with_fault(hub, "short", {"pytorch_model.bin": 10}, [*cmd, "--out", str(tmp_path / "o")])

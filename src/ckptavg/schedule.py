@@ -207,7 +207,7 @@ class Downloader:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=1)  # a download in flight cannot be cut short; its thread dies with us
         for key in list(self.local):
             self._drop(key)
 

@@ -24,6 +24,14 @@ class RangeReader(io.RawIOBase):
         self.blocks: dict[int, bytes] = {}
         self.requests = 0
 
+    def warm(self, *, tail: bool) -> None:
+        """Fetch the first and last blocks now, where a failure is still a plain Python exception: a
+        torch zip's pickle sits near the start and its directory at the end, and an error raised while
+        ``torch.load`` reads through us would come back wrapped in a RuntimeError."""
+        self._block(0)
+        if tail:
+            self._block(max(self.size - 1, 0) // self.block)
+
     def readable(self) -> bool:
         return True
 

@@ -260,6 +260,8 @@ class HubSource:
 
             def read(f: str = f, where: str = where) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 with self._stream(step, f, sizes[f]) as stream:
+                    if isinstance(stream, RangeReader):
+                        stream.warm(tail=fmt != "safetensors")
                     if fmt == "safetensors":
                         part = read_safetensors_header(stream, sizes[f], Path(f), where=where)[0]
                         return {n: TensorEntry(e.info, Path(f)) for n, e in part.items()}, {}
