@@ -80,6 +80,36 @@ def test_lawa_from_the_hub_equals_lawa_from_local_files(hub: HubServer, tmp_path
     AutoModelForCausalLM.from_pretrained(tmp_path / "remote" / "step4000")
 
 
+def test_avg_of_explicit_steps_from_the_hub(hub: HubServer, tmp_path: Path):
+    remote = CliRunner().invoke(
+        cli,
+        [
+            "avg",
+            "--repo",
+            REPO,
+            "2000",
+            "4000",
+            "--weights",
+            "1,3",
+            "--out",
+            str(tmp_path / "r"),
+            *hub_args(hub, tmp_path),
+        ],
+    )
+    assert remote.exit_code == 0, remote.output
+    run = hub.local_run  # type: ignore[attr-defined]
+    local = CliRunner().invoke(
+        cli, ["avg", str(run / "step2000"), str(run / "step4000"), "--weights", "1,3", "--out", str(tmp_path / "l")]
+    )
+    assert local.exit_code == 0, local.output
+    a, b = load_file(tmp_path / "r" / "model.safetensors"), load_file(tmp_path / "l" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    bad = CliRunner().invoke(
+        cli, ["avg", "--repo", REPO, "step2000", "--out", str(tmp_path / "x"), *hub_args(hub, tmp_path)]
+    )
+    assert bad.exit_code == 1 and "give step numbers (e.g. 143000), not 'step2000'" in bad.stderr
+
+
 def test_plan_fails_before_any_download(hub: HubServer, tmp_path: Path):
     hub.requests.clear()
     r = CliRunner().invoke(

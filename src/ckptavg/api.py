@@ -138,11 +138,27 @@ def plan_swa(
     return _plan_from_run(run, "swa", params, windows, out)
 
 
-def plan_avg(paths: list[str], *, out: Path, weights: list[float] | None = None, allow_legacy: bool = False) -> Plan:
+def plan_avg(
+    paths: list[str],
+    *,
+    out: Path,
+    weights: list[float] | None = None,
+    allow_legacy: bool = False,
+    run: Run | None = None,
+) -> Plan:
+    """Explicit checkpoints: folders or nanoGPT files, or with ``run`` (a Hub run) its step numbers."""
     window = explicit_window(len(paths), weights)
-    members = {i: open_checkpoint(Path(p), i, allow_legacy=allow_legacy) for i, p in enumerate(paths)}
+    if run is None:
+        members = {i: open_checkpoint(Path(p), i, allow_legacy=allow_legacy) for i, p in enumerate(paths)}
+        source = ", ".join(paths)
+    else:
+        bad = next((p for p in paths if not p.isdigit()), None)
+        if bad is not None:
+            raise InvalidArgumentError(f"with --repo, give step numbers (e.g. 143000), not {bad!r}")
+        members = {i: run.checkpoint(int(p)) for i, p in enumerate(paths)}
+        source = f"{run.label} steps {', '.join(paths)}"
     params = {"weights": list(window.weights)}
-    plan = Plan("avg", params, ", ".join(paths), [window], members, [out], by_position=True)
+    plan = Plan("avg", params, source, [window], members, [out], by_position=True)
     check_members(plan)
     return plan
 

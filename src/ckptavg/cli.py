@@ -308,7 +308,8 @@ def _plan(name: str, kw: dict[str, Any]) -> Plan:
             raise click.BadParameter(
                 f"{kw['weights']!r} is not a comma-separated list of numbers", param_hint="--weights"
             ) from e
-    return api.plan_avg(list(kw["checkpoints"]), weights=weights, out=kw["out"], allow_legacy=legacy)
+    run = _source({**kw, "run": None}) if kw.get("repo") else None  # then CHECKPOINTS are step numbers
+    return api.plan_avg(list(kw["checkpoints"]), weights=weights, out=kw["out"], allow_legacy=legacy, run=run)
 
 
 def _execute(name: str, kw: dict[str, Any]) -> None:
@@ -398,13 +399,15 @@ def swa(**kw: Any) -> None:
 
 @cli.command()
 @click.argument("checkpoints", nargs=-1, required=True)
+@_source_options
 @click.option("--weights", default=None, help="Comma-separated weights, one per checkpoint (normalised).")
 @_write_options
 def avg(**kw: Any) -> None:
-    """Average explicit checkpoints (folders or nanoGPT .pt files), optionally weighted.
+    """Average explicit checkpoints (folders or nanoGPT .pt files; with --repo, step numbers), optionally weighted.
 
     \b
     ckptavg avg a/ b/ c/ --weights 0.2,0.3,0.5 --out soup/
+    ckptavg avg --repo EleutherAI/pythia-70m 141000 142000 143000 --out soup/
     """
     _execute("avg", kw)
 
