@@ -41,7 +41,15 @@ REPO = "bench/pythia"
 
 
 def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    """Bytes of the files under ``path``; files deleted while we look count as gone."""
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            if not p.is_symlink() and p.is_file():
+                total += p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def reshard(src: Path, dst: Path, shards: int) -> None:
@@ -81,15 +89,18 @@ def floor(server: HubServer, weights: list[Path], scratch: Path) -> float:
     return time.perf_counter() - t0
 
 
-def lawa(source: list[str], args: argparse.Namespace, out: Path, *extra: str) -> float:
+def lawa(source: list[str], args: argparse.Namespace, out: Path, *extra: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB, from /usr/bin/time) of one `ckptavg lawa`."""
     t0 = time.perf_counter()
-    subprocess.run(
-        [*CKPTAVG, "lawa", *source, "--steps", args.ends, "--k", str(args.k), "--interval", "1000"]
-        + ["--out", str(out), "-q", *extra],
+    done = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", *CKPTAVG, "lawa", *source, "--steps", args.ends, "--k", str(args.k)]
+        + ["--interval", "1000", "--out", str(out), "-q", *extra],
         check=True,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, int(done.stderr.split()[-1]) * 1024 / 1e9
 
 
 def main() -> None:
@@ -121,12 +132,12 @@ def main() -> None:
             for s in steps
         )
         subprocess.run(["cat", *map(str, weights)], stdout=subprocess.DEVNULL, check=True)  # warm page cache
-        local_s = lawa([str(run)], args, tmpd / "local-out")
+        local_s, local_rss = lawa([str(run)], args, tmpd / "local-out")
         rows = [
-            f"| trajectory | {windows} windows, k={args.k}, {len(steps)} checkpoints of {ckpt_bytes / 1e9:.3f} GB"
-            f" in {args.shards} file{'s' * (args.shards > 1)} |",
+            f"| trajectory | {windows} window{'s' * (windows != 1)}, k={args.k}, {len(steps)} checkpoints of "
+            f"{ckpt_bytes / 1e9:.3f} GB in {args.shards} file{'s' * (args.shards > 1)} |",
             "|---|---|",
-            f"| local files | {local_s:.1f} s |",
+            f"| local files | {local_s:.1f} s, peak RSS {local_rss:.2f} GB |",
         ]
         with HubServer(tmpd / "hub") as server:
             for f in weights:  # the real Hub has its content hashes ready; the test server computes them once
@@ -150,7 +161,7 @@ def main() -> None:
                 watcher = threading.Thread(target=watch, daemon=True)
                 server.requests.clear()
                 watcher.start()
-                hub_s = lawa(
+                hub_s, hub_rss = lawa(
                     ["--repo", REPO, "--endpoint", server.url, "--cache-dir", str(cache)],
                     args,
                     tmpd / f"hub-out{i}",
@@ -165,7 +176,8 @@ def main() -> None:
                 naive = windows * args.k * args.shards
                 rows += [
                     f"| loopback Hub, budget {name} ({budget / 1e9:.2f} GB) | {hub_s:.1f} s "
-                    f"({hub_s / local_s:.2f}x local, {hub_s / (local_s + floor_s):.2f}x local + download floor) |",
+                    f"({hub_s / local_s:.2f}x local, {hub_s / (local_s + floor_s):.2f}x local + download floor), "
+                    f"peak RSS {hub_rss:.2f} GB |",
                     f"| &nbsp; weight files downloaded | {len(gets)} (naive, every member of every window: {naive}; "
                     f"{len(gets) / naive:.2f}x) |",
                     f"| &nbsp; peak cache | {peak[0] / 1e9:.2f} GB ({peak[0] / budget:.2f}x the budget, "
