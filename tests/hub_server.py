@@ -8,7 +8,7 @@ real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NA
 announced, ``{"slow": {"pytorch_model.bin": seconds}}`` to wait before answering. Faults hit downloads
 (no Range, or an open one ``bytes=N-`` that resumes), not the closed ranges that read headers.
 ``{"unresolvable": {"pytorch_model.bin"}}`` lists a file but answers 404 when it is fetched.
-``requests`` logs every request with its Range.
+``requests`` logs every request with its Range, ``tokens`` its Authorization header.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class HubServer:
         self.faults: dict[str, Any] = {}
         self.requests: list[str] = []
         self.etags: dict[tuple[str, int, int], str] = {}
+        self.tokens: list[str | None] = []  # the Authorization header of each request
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,6 +79,7 @@ class HubServer:
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
         rng = h.headers.get("Range")
         self.requests.append(f"{h.command} {path}" + (f" [{rng}]" if rng else ""))
+        self.tokens.append(h.headers.get("Authorization"))
         if "status" in self.faults:
             return self.send(h, self.faults["status"], b"unavailable", head)
         api = parts[:2] == ["api", "models"]

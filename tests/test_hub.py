@@ -22,6 +22,7 @@ from ckptavg.progress import human_bytes
 
 REPO = "EleutherAI/pythia-tiny"
 SHARDED = "EleutherAI/pythia-tiny-sharded"
+BROKEN = "EleutherAI/pythia-tiny-broken"  # two of its revisions hold no weights
 STEPS = [1000, 2000, 3000, 4000]
 
 
@@ -33,6 +34,10 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     write_pythia_step(root / REPO / "main", 4000, fmt="safetensors")
     for s in STEPS:  # every revision in three shards, as Pythia-12B's are
         write_pythia_step(root / SHARDED / f"step{s}", s, shards=3)
+    for s in STEPS:
+        write_pythia_step(root / BROKEN / f"step{s}", s)
+        if s in (2000, 3000):
+            (root / BROKEN / f"step{s}" / "pytorch_model.bin").unlink()
     (root / "Private" / "gated" / "step1000").mkdir(parents=True)
     local = tmp_path_factory.mktemp("local")
     for s in STEPS:  # the same checkpoints as a local run
@@ -154,6 +159,46 @@ def test_plan_fails_before_any_download(hub: HubServer, tmp_path: Path):
     weights = [req for req in hub.requests if "/resolve/" in req and re.search(r"\.bin( \[|$)", req)]
     assert weights and all(re.search(r"\[bytes=(\d+)-(\d+)\]$", req) for req in weights), weights
     assert all(int(b) - int(a) < 1 << 16 for a, b in (re.findall(r"(\d+)-(\d+)\]$", req)[0] for req in weights))
+
+
+def test_revisions_without_weights_are_listed_in_one_error_before_any_download(hub: HubServer, tmp_path: Path):
+    hub.requests.clear()
+    r = CliRunner().invoke(
+        cli,
+        [
+            "lawa",
+            "--repo",
+            BROKEN,
+            "--steps",
+            "4000:4000",
+            "--k",
+            "4",
+            "--out",
+            str(tmp_path / "o"),
+            *hub_args(hub, tmp_path),
+        ],
+    )
+    assert r.exit_code == 1
+    line = r.stderr.strip()
+    assert line.startswith("Error: 2 revisions cannot be used: ") and len(line.splitlines()) == 1, line
+    assert f"{BROKEN}@step2000: no weights in a supported format (has config.json, tokenizer.json" in line
+    assert f"{BROKEN}@step3000: no weights" in line
+    assert not downloads(hub) and not (tmp_path / "o").exists()
+
+
+def test_the_token_goes_to_the_server_and_nowhere_else(hub: HubServer, tmp_path: Path):
+    secret = "hf_SECRETabc123"
+    hub.requests.clear()
+    hub.tokens.clear()
+    r = CliRunner().invoke(
+        cli,
+        ["lawa", "--repo", SHARDED, "--steps", "2000:2000", "--k", "2", "--out", str(tmp_path / "o")]
+        + ["--token", secret, *hub_args(hub, tmp_path)],
+    )
+    assert r.exit_code == 0, r.output
+    assert downloads(hub) and hub.tokens and set(hub.tokens) == {f"Bearer {secret}"}  # listings, headers, files
+    assert secret not in r.stdout + r.stderr
+    assert not [p for p in (tmp_path / "o").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
 def test_hub_errors_are_one_line_and_keep_the_token_secret(hub: HubServer, tmp_path: Path):

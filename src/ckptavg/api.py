@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ckptavg import __version__, engine, schedule
-from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OutputError
+from ckptavg.errors import CheckpointFormatError, CkptavgError, InvalidArgumentError, MismatchError, OutputError
 from ckptavg.progress import Reporter, human_bytes
 from ckptavg.sources import Checkpoint, Run, TensorInfo, close_files, open_checkpoint, open_run
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
@@ -78,7 +78,16 @@ def _plan_from_run(run: Run, method: str, params: dict[str, Any], windows: list[
         members = {s: run.checkpoint(s) for s in steps}
     else:  # a Hub: each header is a few round trips, so read several at once
         with ThreadPoolExecutor(max_workers=8) as pool:
-            members = dict(zip(steps, pool.map(run.checkpoint, steps), strict=True))
+            futures = {s: pool.submit(run.checkpoint, s) for s in steps}
+        failed = [e for f in futures.values() if (e := f.exception()) is not None]
+        if len(failed) > 1 and all(isinstance(e, CheckpointFormatError) for e in failed):
+            listed = "; ".join(str(e) for e in failed[:5]) + (
+                f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+            )
+            raise CheckpointFormatError(f"{len(failed)} revisions cannot be used: {listed}")
+        if failed:
+            raise failed[0]
+        members = {s: f.result() for s, f in futures.items()}
     plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
     check_members(plan)
     return plan
