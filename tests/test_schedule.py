@@ -29,13 +29,15 @@ class FolderRemote:
         self.sizes = {f: 100 for f in SHARDS}
         self.file_of = {n: f for f, names in SHARDS.items() for n in names}
         self.extras: dict[str, int] = {}
-        self.planning: list[Path] = []
 
     def download(self, filename: str) -> tuple[Path, bool]:
         self.log.append(("download", self.step, filename))
         path = self.cache / f"{self.step}-{filename}"
         path.write_bytes(b"\0" * self.sizes[filename])
         return path, True
+
+    def done_with(self, filename: str) -> None:
+        (self.cache / f"{self.step}-{filename}").unlink()
 
     def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:
         self.log.append(("attach", self.step, filename))

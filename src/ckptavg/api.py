@@ -25,6 +25,7 @@ from ckptavg import __version__, engine, schedule
 from ckptavg.errors import CheckpointFormatError, CkptavgError, InvalidArgumentError, MismatchError, OutputError
 from ckptavg.progress import Reporter, human_bytes
 from ckptavg.sources import Checkpoint, Run, TensorInfo, close_files, open_checkpoint, open_run
+from ckptavg.sources.checkpoint import Remote
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.steps import StepRange
 from ckptavg.windows import (
@@ -362,7 +363,6 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
                 )
         todo.append(j)
     if not todo:
-        _delete_downloads(plan, [])
         return list(plan.outputs)
 
     windows = [plan.windows[j] for j in todo]
@@ -371,10 +371,9 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     names = [n for g in groups for n in g]
     infos = {n: ref.entries[n].info for n in names}
     newest = {w.steps[-1] for w in windows}
-    # Held to the end, outside the units: configs and tokenizers of the outputs, and shard indexes.
+    # Held to the end, outside the units: configs and tokenizers of the outputs.
     remotes = [(m, c.remote) for m, c in plan.members.items() if c.remote is not None]
     reserved = sum(n for m, r in remotes if m in newest for n in r.extras.values())
-    reserved += sum(f.stat().st_size for _, r in remotes for f in r.planning)
     units, budget = schedule.plan_units(windows, plan.members, groups, opts.disk_budget, reserved)
     out_dtype = DTYPES[opts.dtype] if opts.dtype else None
 
@@ -385,15 +384,16 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     created = [p for p in {o.parent for o in plan.outputs} if not p.exists()]
     writers: list[FolderWriter] = []
     downloader: schedule.Downloader | None = None
-    extras: list[tuple[Path, bool]] = []
+    extras: list[tuple[Remote, str]] = []  # in use until the outputs are committed
     t0 = time.perf_counter()
     try:
         for m in sorted(newest):  # config and tokenizer of each output's newest member
             c = plan.members[m]
             if c.remote is not None:
-                got = [c.remote.download(f) for f in sorted(c.remote.extras)]
-                c.extra_files = [p for p, _ in got]
-                extras += got
+                c.extra_files = []
+                for f in sorted(c.remote.extras):
+                    c.extra_files.append(c.remote.download(f)[0])
+                    extras.append((c.remote, f))
         for j in todo:
             writers.append(
                 FolderWriter(
@@ -454,20 +454,11 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     finally:
         if downloader is not None:
             downloader.close()
-        _delete_downloads(plan, [p for p, ours in extras if ours])
+        for remote, f in extras:
+            remote.done_with(f)
         close_files()
     reporter.log(f"done in {time.perf_counter() - t0:.1f} s")
     return list(plan.outputs)
-
-
-def _delete_downloads(plan: Plan, files: list[Path]) -> None:
-    """What this run brought into the Hub cache besides weights (configs, tokenizers, shard indexes)."""
-    for c in plan.members.values():
-        if c.remote is not None:
-            files += c.remote.planning
-            c.remote.planning.clear()
-    for f in files:
-        schedule.evict(f)
 
 
 def _average_unit(

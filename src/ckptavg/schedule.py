@@ -107,7 +107,8 @@ class Downloader:
     budget: ``ready`` waits for a unit's files, ``release`` deletes those the next unit does not need.
 
     The budget counts what this run brought into the cache and still holds (reserved up front for a
-    download in flight). Files that were cached before the run are the user's: used, never deleted.
+    download in flight). The remote decides what is deleted: files that were cached before the run are
+    the user's, used and never deleted.
     """
 
     def __init__(self, units: list[Unit], members: dict[int, Checkpoint], budget: int, held: int = 0) -> None:
@@ -115,7 +116,7 @@ class Downloader:
         self.members = members
         self.budget = budget
         self.cond = threading.Condition()
-        self.local: dict[FileKey, tuple[Path, bool]] = {}  # downloaded: path, and whether ours to delete
+        self.local: dict[FileKey, tuple[Path, bool]] = {}  # path, and whether it counts against the budget
         self.attached: set[FileKey] = set()
         self.held = held
         self.peak = held
@@ -145,14 +146,14 @@ class Downloader:
                     remote = self.members[key[0]].remote
                     assert remote is not None
                     try:
-                        path, ours = remote.download(key[1])
+                        path, fetched = remote.download(key[1])
                     except BaseException:
                         with self.cond:
                             self.held -= need
                         raise
                     with self.cond:
-                        self.local[key] = (path, ours)
-                        if ours:
+                        self.local[key] = (path, fetched)
+                        if fetched:
                             self.downloads.append(key)
                         else:
                             self.held -= need
@@ -187,22 +188,22 @@ class Downloader:
 
     def _drop(self, key: FileKey) -> None:
         with self.cond:
-            path, ours = self.local.pop(key)
+            path, fetched = self.local.pop(key)
         ckpt = self.members[key[0]]
+        assert ckpt.remote is not None
         if key in self.attached:
-            assert ckpt.remote is not None
             ckpt.remote.detach(ckpt, key[1])
             self.attached.discard(key)
         close_files(path)
-        if ours:
-            evict(path)
+        ckpt.remote.done_with(key[1])
+        if fetched:
             with self.cond:
                 self.held -= _size(self.members, key)
                 self.cond.notify_all()
 
     def close(self) -> None:
-        """Stop, and delete every file this run still holds (also after an error: a rerun would take
-        them for the user's own and never delete them). A download cut short stays as huggingface_hub's
+        """Stop, and let go of every file this run still holds (also after an error, so that complete
+        downloads never pile up outside the budget). A download cut short stays as a
         ``.incomplete`` file, which the next run continues."""
         with self.cond:
             self.closed = True
@@ -210,15 +211,3 @@ class Downloader:
         self.thread.join(timeout=1)  # a download in flight cannot be cut short; its thread dies with us
         for key in list(self.local):
             self._drop(key)
-
-
-def evict(link: Path) -> None:
-    """Delete a downloaded file from the huggingface_hub cache: its snapshot link, and the blob it points
-    to unless another snapshot still links to it (revisions share blobs, e.g. an unchanged tokenizer)."""
-    blob = link.resolve()
-    link.unlink(missing_ok=True)
-    if blob == link:  # a cache without symlinks holds copies
-        return
-    snapshots = blob.parent.parent / "snapshots"
-    if not any(p.is_symlink() and p.resolve() == blob for p in snapshots.rglob("*")):
-        blob.unlink(missing_ok=True)

@@ -57,10 +57,14 @@ class Remote(Protocol):
     sizes: dict[str, int]  # weight file -> bytes, as the server lists it
     file_of: dict[str, str]  # tensor name -> the weight file holding it
     extras: dict[str, int]  # config and tokenizer files -> bytes
-    planning: list[Path]  # files planning downloaded (a shard index): deleted with the run's downloads
 
     def download(self, filename: str) -> tuple[Path, bool]:
-        """The file in the local cache, and whether this call brought it there (ours to delete)."""
+        """The file in the local cache, held in use until ``done_with``; and whether this call brought it
+        there (what a disk budget counts)."""
+        ...
+
+    def done_with(self, filename: str) -> None:
+        """The run no longer needs the file: the remote deletes it if it brought it in."""
         ...
 
     def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:

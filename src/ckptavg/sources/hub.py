@@ -55,6 +55,7 @@ class HubSource:
         self.cache_dir = cache_dir
         self.allow_legacy = allow_legacy
         self.api = HfApi(endpoint=endpoint, token=token)
+        self._held: dict[tuple[str, str], int] = {}  # (commit, file) -> its lock, held while in use
         from huggingface_hub import constants
 
         pattern = _template_regex(template)
@@ -142,8 +143,6 @@ class HubSource:
         import fcntl
 
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
-        from huggingface_hub.file_download import http_get
-        from huggingface_hub.utils import build_hf_headers
 
         name, commit = self.revisions[step]
         url = hf_hub_url(self.repo, filename, revision=commit, endpoint=self.endpoint)
@@ -159,37 +158,108 @@ class HubSource:
         link = self.repo_cache / "snapshots" / commit / filename
         blobs.mkdir(parents=True, exist_ok=True)
         partial = blobs / f"{meta.etag}.incomplete"
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
-        with os.fdopen(fd, "r+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # another process may be fetching the same file: wait for it
-            if not blob.exists():
-                resume = f.seek(0, os.SEEK_END)
-                if resume > size:  # not a prefix of this file: start again
-                    f.truncate(0)
-                    resume = f.seek(0)
+        while not blob.exists():
+            with open(partial, "a+b") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # another process may be fetching the same file: wait for it
                 try:
-                    http_get(
-                        meta.location,
-                        f,
-                        resume_size=resume,
-                        headers=build_hf_headers(token=self.token),
-                        expected_size=size,
-                        displayed_filename=filename,
-                    )
-                except BaseException:
-                    if f.seek(0, os.SEEK_END) == 0:
-                        partial.unlink(missing_ok=True)
-                    raise
-                f.flush()
+                    current = os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    current = False
+                if blob.exists():  # it finished while we waited; drop the empty file we may have made
+                    if current and os.fstat(f.fileno()).st_size == 0:
+                        partial.unlink()
+                    break
+                if not current:  # renamed or removed by the holder before us: open the new one
+                    continue
+                self._fetch_into(f, meta.location, filename, size, partial)
                 os.replace(partial, blob)
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
+        try:
             link.symlink_to(os.path.relpath(blob, link.parent))
+        except FileExistsError:  # another process sharing the cache linked the same blob first
+            pass
         ref = self.repo_cache / "refs" / name
         if not ref.exists():
             ref.parent.mkdir(parents=True, exist_ok=True)
             ref.write_text(commit)
         return link
+
+    def use(self, step: int, filename: str, size: int | None = None) -> tuple[Path, bool]:
+        """One file of a revision in the cache, held in use until ``done_with``; and whether this call
+        downloaded it. Another ckptavg process sharing the cache (a SLURM array's tasks share members at
+        their boundaries) never deletes a file while this one holds it: users hold a shared flock on the
+        file's lock, and only the last one out, taking it exclusively, deletes."""
+        import fcntl
+
+        name, commit = self.revisions[step]
+        lock = self._lock_dir(commit) / f"{filename}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while another process deletes the file
+            link = self.repo_cache / "snapshots" / commit / filename
+            fetched = not link.exists()
+            if fetched:
+                (self._lock_dir(commit) / f"{filename}.ours").touch()  # ckptavg brings it in: ours to delete
+                if size is not None and not self.offline:
+                    what = f"download {filename} of {name}"
+                    link = self._call(lambda: self._download_resumable(step, filename, size), what=what)
+                else:
+                    link = self._download(step, filename)  # small files, and offline mode
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held[(commit, filename)] = fd
+        return link, fetched
+
+    def done_with(self, step: int, filename: str) -> None:
+        """Release a file from ``use``; delete it if ckptavg downloaded it and no other process uses it."""
+        import fcntl
+
+        _, commit = self.revisions[step]
+        fd = self._held.pop((commit, filename), None)
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # still in use elsewhere: the last user deletes it
+            return
+        try:
+            ours = self._lock_dir(commit) / f"{filename}.ours"
+            if ours.exists():
+                _evict(self.repo_cache / "snapshots" / commit / filename)
+                ours.unlink()
+        finally:
+            os.close(fd)
+
+    def _lock_dir(self, commit: str) -> Path:
+        # Under the cache's .locks, which huggingface_hub's cache scanning skips.
+        return self.repo_cache.parent / ".locks" / "ckptavg" / self.repo_cache.name / commit
+
+    def _fetch_into(self, f: BinaryIO, url: str, filename: str, size: int, partial: Path) -> None:
+        """Continue a partial download held open (and locked) as ``f``, by HTTP range."""
+        from huggingface_hub.file_download import http_get
+        from huggingface_hub.utils import build_hf_headers
+
+        resume = f.seek(0, os.SEEK_END)
+        if resume > size:  # not a prefix of this file: start again
+            f.truncate(0)
+            resume = f.seek(0)
+        try:
+            http_get(
+                url,
+                f,
+                resume_size=resume,
+                headers=build_hf_headers(token=self.token),
+                expected_size=size,
+                displayed_filename=filename,
+            )
+        except BaseException:
+            if f.seek(0, os.SEEK_END) == 0:
+                partial.unlink(missing_ok=True)
+            raise
+        f.flush()
 
     def files(self, step: int) -> dict[str, int]:
         """The files of a step's revision and their sizes, as the server lists them (or the cache holds)."""
@@ -201,9 +271,8 @@ class HubSource:
         listing = self._call(lambda: list(self.api.list_repo_tree(self.repo, revision=commit)), what=f"list {name}")
         return {f.path: f.size for f in listing if getattr(f, "size", None) is not None}
 
-    def weight_files(self, step: int, sizes: dict[str, int]) -> tuple[str, list[str], list[Path]]:
-        """The format of a revision's weights, their files (the shards an index names), and the index if
-        this call downloaded it (the run deletes it again with its other downloads)."""
+    def weight_files(self, step: int, sizes: dict[str, int]) -> tuple[str, list[str]]:
+        """The format of a revision's weights and their files (the shards an index names)."""
         name, _ = self.revisions[step]
         found = next(((n, fmt) for n, fmt in WEIGHT_FILES if n in sizes), None)
         if found is None:
@@ -212,19 +281,19 @@ class HubSource:
             )
         weight, fmt = found
         if not weight.endswith(".index.json"):
-            return fmt, [weight], []
-        link = self.repo_cache / "snapshots" / self.revisions[step][1] / weight
-        cached = link.exists()
-        path = self._download(step, weight)
+            return fmt, [weight]
+        path, _ = self.use(step, weight, sizes[weight])
         try:
             index = json.loads(path.read_text())
             shards = list(dict.fromkeys(index["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointFormatError(f"{self.repo}@{name}: {weight} is not a valid index ({e!r})") from e
+        finally:
+            self.done_with(step, weight)
         for shard in shards:
             if not isinstance(shard, str) or shard not in sizes:
                 raise CheckpointFormatError(f"{self.repo}@{name}: {weight} names {shard}, which is not there")
-        return fmt, shards, [] if cached else [path]
+        return fmt, shards
 
     def _stream(self, step: int, filename: str, size: int) -> BinaryIO:
         """A weight file to read headers from: the cached copy if there is one, else HTTP ranges."""
@@ -242,7 +311,7 @@ class HubSource:
     def summary(self, step: int) -> tuple[str, int, int]:
         """Format, number of weight files and bytes to download (weights, config, tokenizer), for ``ls``."""
         sizes = self.files(step)
-        fmt, weights, _ = self.weight_files(step, sizes)
+        fmt, weights = self.weight_files(step, sizes)
         return fmt, len(weights), sum(n for f, n in sizes.items() if f in weights or _EXTRA.match(f))
 
     def plan_checkpoint(self, step: int) -> Checkpoint:
@@ -250,7 +319,7 @@ class HubSource:
         plan is checked in full before any weight is downloaded. Reading needs ``remote`` downloads."""
         name, commit = self.revisions[step]
         sizes = self.files(step)
-        fmt, weights, planning = self.weight_files(step, sizes)
+        fmt, weights = self.weight_files(step, sizes)
         label = f"{self.repo}@{name}"
         entries: dict[str, TensorEntry] = {}
         aliases: dict[str, str] = {}
@@ -277,7 +346,6 @@ class HubSource:
         remote = HubFiles(
             self, step, {f: sizes[f] for f in weights}, file_of, {f: n for f, n in sizes.items() if _EXTRA.match(f)}
         )
-        remote.planning = planning
         meta: dict[str, object] = {"hub": {"repo": self.repo, "revision": name, "commit": commit}}
         return Checkpoint(step, label, fmt, entries, aliases, meta=meta, remote=remote)
 
@@ -293,29 +361,21 @@ class HubFiles:
         self.sizes = sizes
         self.file_of = file_of
         self.extras = extras
-        self.planning: list[Path] = []
 
     def download(self, filename: str) -> tuple[Path, bool]:
-        name, commit = self.hub.revisions[self.step]
-        link = self.hub.repo_cache / "snapshots" / commit / filename
-        if link.exists():
-            return link, False
-        if filename in self.sizes and not self.hub.offline:
-            size = self.sizes[filename]
-            return self.hub._call(
-                lambda: self.hub._download_resumable(self.step, filename, size), what=f"download {filename} of {name}"
-            ), True
-        path = self.hub._download(self.step, filename)  # a small file, or the cache when offline
+        path, fetched = self.hub.use(self.step, filename, self.sizes.get(filename))
         expected = self.sizes.get(filename, self.extras.get(filename))
         got = path.stat().st_size
         if expected is not None and got != expected:
-            path.resolve().unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+            self.hub.done_with(self.step, filename)
+            name, _ = self.hub.revisions[self.step]
             raise CkptavgError(
-                f"{self.hub.repo}@{name}/{filename}: downloaded {got} bytes but the server lists {expected}; "
-                "deleted it, run again"
+                f"{self.hub.repo}@{name}/{filename}: the cache holds {got} bytes but the server lists {expected}"
             )
-        return path, True
+        return path, fetched
+
+    def done_with(self, filename: str) -> None:
+        self.hub.done_with(self.step, filename)
 
     def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:
         part, _ = open_weight_file(local, ckpt.format, allow_legacy=self.hub.allow_legacy)
@@ -330,3 +390,15 @@ class HubFiles:
         for n, f in self.file_of.items():
             if f == filename:
                 ckpt.entries[n] = TensorEntry(ckpt.entries[n].info, Path(filename))
+
+
+def _evict(link: Path) -> None:
+    """Delete a file from the huggingface_hub cache: its snapshot link, and the blob it points to unless
+    another snapshot still links to it (revisions share blobs, e.g. an unchanged tokenizer)."""
+    blob = link.resolve()
+    link.unlink(missing_ok=True)
+    if blob == link:  # a cache without symlinks holds copies
+        return
+    snapshots = blob.parent.parent / "snapshots"
+    if not any(p.is_symlink() and p.resolve() == blob for p in snapshots.rglob("*")):
+        blob.unlink(missing_ok=True)
