@@ -9,7 +9,8 @@ disk holds k shards, not k checkpoints, and a file shared by neighbouring window
 The outputs stay open across units (their writers take tensors in any order).
 
 A thread downloads the next unit's files while the current one is averaged, inside the same budget:
-a larger budget buys overlap, the smallest one still works. Local runs are a single unit.
+a larger budget buys overlap, the smallest one still works. Local runs are a single unit. (Logs and
+the README call units "parts".)
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def plan_units(
                     f"--disk-budget {human_bytes(budget or 0)} is too small: the window for step {windows[j].end} "
                     f"needs {human_bytes(size(need) + reserved)} on disk at once ({len(need)} files, "
                     f"{', '.join(sorted(shard))} of each member"
-                    + (f", plus {human_bytes(reserved)} of config, tokenizer and index files)" if reserved else ")")
+                    + (f", plus {human_bytes(reserved)} of config and tokenizer files)" if reserved else ")")
                 )
             if held and size(held | need) > limit:
                 units.append(Unit(lo, j, tuple(group), offset, frozenset(held)))
@@ -122,7 +123,6 @@ class Downloader:
         self.peak = held
         self.fetched = 0  # units whose files are all here
         self.released = 0  # units done with
-        self.downloads: list[FileKey] = []
         self.error: BaseException | None = None
         self.closed = False
         self.thread = threading.Thread(target=self._run, name="ckptavg-downloader", daemon=True)
@@ -153,9 +153,7 @@ class Downloader:
                         raise
                     with self.cond:
                         self.local[key] = (path, fetched)
-                        if fetched:
-                            self.downloads.append(key)
-                        else:
+                        if not fetched:  # it was in the cache already: not ours to count
                             self.held -= need
                 with self.cond:
                     self.fetched = u + 1
@@ -178,7 +176,7 @@ class Downloader:
             self.attached.add(key)
 
     def release(self, u: int) -> None:
-        """Unit ``u`` is averaged: delete its files that the next unit does not use."""
+        """Unit ``u`` is averaged: let go of its files that the next unit does not use."""
         later = self.units[u + 1].files if u + 1 < len(self.units) else frozenset()
         for key in sorted(self.units[u].files - later):
             self._drop(key)

@@ -55,7 +55,7 @@ class HubSource:
         self.cache_dir = cache_dir
         self.allow_legacy = allow_legacy
         self.api = HfApi(endpoint=endpoint, token=token)
-        self._held: dict[tuple[str, str], int] = {}  # (commit, file) -> its lock, held while in use
+        self._held: dict[tuple[str, str], list[int]] = {}  # (commit, file) -> its locks, held while in use
         from huggingface_hub import constants
 
         pattern = _template_regex(template)
@@ -209,7 +209,7 @@ class HubSource:
         except BaseException:
             os.close(fd)
             raise
-        self._held[(commit, filename)] = fd
+        self._held.setdefault((commit, filename), []).append(fd)
         return link, fetched
 
     def done_with(self, step: int, filename: str) -> None:
@@ -217,9 +217,10 @@ class HubSource:
         import fcntl
 
         _, commit = self.revisions[step]
-        fd = self._held.pop((commit, filename), None)
-        if fd is None:
+        fds = self._held.get((commit, filename))
+        if not fds:
             return
+        fd = fds.pop()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
