@@ -23,6 +23,7 @@ from ckptavg.progress import human_bytes
 REPO = "EleutherAI/pythia-tiny"
 SHARDED = "EleutherAI/pythia-tiny-sharded"
 BROKEN = "EleutherAI/pythia-tiny-broken"  # two of its revisions hold no weights
+TRAINER = "someone/trainer-run"  # the HF Trainer's names and safetensors, one revision sharded
 STEPS = [1000, 2000, 3000, 4000]
 
 
@@ -34,6 +35,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     write_pythia_step(root / REPO / "main", 4000, fmt="safetensors")
     for s in STEPS:  # every revision in three shards, as Pythia-12B's are
         write_pythia_step(root / SHARDED / f"step{s}", s, shards=3)
+    for s in (100, 200, 300):
+        write_pythia_step(root / TRAINER / f"checkpoint-{s}", s, fmt="safetensors", shards=3 if s == 200 else 1)
     for s in STEPS:
         write_pythia_step(root / BROKEN / f"step{s}", s)
         if s in (2000, 3000):
@@ -83,6 +86,24 @@ def test_lawa_from_the_hub_equals_lawa_from_local_files(hub: HubServer, tmp_path
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "remote" / "step4000")
+
+
+def test_safetensors_revisions_named_by_a_template(hub: HubServer, tmp_path: Path):
+    """Headers of safetensors files (whole and sharded) come by HTTP range too; the result is the local one."""
+    args = ["--steps", "300:300", "--k", "3", "--interval", "100"]
+    hub.requests.clear()
+    remote = CliRunner().invoke(
+        cli,
+        ["lawa", "--repo", TRAINER, "--revision-template", "checkpoint-{step}", *args, "--out", str(tmp_path / "r")]
+        + hub_args(hub, tmp_path),
+    )
+    assert remote.exit_code == 0, remote.output
+    local = CliRunner().invoke(cli, ["lawa", str(hub.root / TRAINER), *args, "--out", str(tmp_path / "l")])
+    assert local.exit_code == 0, local.output
+    a = load_file(tmp_path / "r" / "step300" / "model.safetensors")
+    b = load_file(tmp_path / "l" / "step300" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert len(downloads_of(hub, ".safetensors")) == 5  # 1 + 3 shards + 1, each once
 
 
 def test_avg_of_explicit_steps_from_the_hub(hub: HubServer, tmp_path: Path):
@@ -220,7 +241,12 @@ def test_hub_errors_are_one_line_and_keep_the_token_secret(hub: HubServer, tmp_p
 
 def downloads(hub: HubServer) -> list[str]:
     """Weight files served whole (or resumed): what a run downloaded, as opposed to header reads."""
-    return [r for r in hub.requests if r.startswith("GET") and re.search(r"\.bin( \[bytes=\d+-\])?$", r)]
+    return downloads_of(hub, ".bin")
+
+
+def downloads_of(hub: HubServer, suffix: str) -> list[str]:
+    pattern = re.escape(suffix) + r"( \[bytes=\d+-\])?$"
+    return [r for r in hub.requests if r.startswith("GET") and re.search(pattern, r)]
 
 
 def assert_same_as_local_sharded(hub: HubServer, out: Path, local: Path) -> None:
