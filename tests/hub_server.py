@@ -2,7 +2,8 @@
 
 Repositories are folders: ``root/ORG/NAME/BRANCH/<files>``. Each branch has a fixed commit hash, and
 revisions may be given as branch names or hashes, as the real Hub accepts. ``faults`` injects what the
-real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NAME"}}`` for 401s,
+real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NAME"}}`` for 401s and
+``{"forbidden": {"ORG/NAME"}}`` for 403s (a gated repository without accepted terms),
 ``{"drop": {"pytorch_model.bin": n}}`` to cut the next n downloads of a file half way,
 ``{"short": {"pytorch_model.bin": n}}`` to send every download of it n bytes short of the size its HEAD
 announced, ``{"slow": {"pytorch_model.bin": seconds}}`` to wait before answering. Faults hit downloads
@@ -86,6 +87,8 @@ class HubServer:
         repo = "/".join(parts[2:4] if api else parts[0:2])
         if repo in self.faults.get("gated", set()):
             return self.send(h, 401, b"gated", head, {"X-Error-Code": "GatedRepo"})
+        if repo in self.faults.get("forbidden", set()):
+            return self.send(h, 403, b"forbidden", head, {"X-Error-Code": "GatedRepo"})
         if not (self.root / repo).is_dir():
             return self.send(h, 404, b"not found", head, {"X-Error-Code": "RepoNotFound"})
         if api and len(parts) == 5 and parts[4] == "refs":

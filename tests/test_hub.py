@@ -42,11 +42,13 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
         if s in (2000, 3000):
             (root / BROKEN / f"step{s}" / "pytorch_model.bin").unlink()
     (root / "Private" / "gated" / "step1000").mkdir(parents=True)
+    (root / "Private" / "terms" / "step1000").mkdir(parents=True)
     local = tmp_path_factory.mktemp("local")
     for s in STEPS:  # the same checkpoints as a local run
         write_pythia_step(local / f"step{s}", s, shards=3 if s == 3000 else 1)
     with HubServer(root) as server:
         server.faults["gated"] = {"Private/gated"}
+        server.faults["forbidden"] = {"Private/terms"}
         server.local_run = local  # type: ignore[attr-defined]
         server.local_sharded = root / SHARDED  # type: ignore[attr-defined]
         yield server
@@ -229,6 +231,8 @@ def test_hub_errors_are_one_line_and_keep_the_token_secret(hub: HubServer, tmp_p
     gated = CliRunner().invoke(cli, [*base, "--repo", "Private/gated", "--token", "hf_SECRET123"])
     assert gated.exit_code == 1 and "token is needed" in gated.stderr
     assert "hf_SECRET123" not in gated.stderr + gated.stdout
+    terms = CliRunner().invoke(cli, [*base, "--repo", "Private/terms", "--token", "hf_SECRET123"])
+    assert terms.exit_code == 1 and "this token cannot read it" in terms.stderr and "hf_SECRET123" not in terms.stderr
     hub.faults["status"] = 503
     try:
         down = CliRunner().invoke(cli, [*base, "--repo", REPO])

@@ -90,11 +90,14 @@ class HubSource:
         where = f"{self.repo} on {self.endpoint or 'the Hugging Face Hub'}"
         try:
             return fn()
-        except GatedRepoError as e:
-            raise CkptavgError(f"{where}: access refused; a token is needed (--token or HF_TOKEN)") from e
-        except RepositoryNotFoundError as e:
+        except (GatedRepoError, RepositoryNotFoundError) as e:
             status = getattr(getattr(e, "response", None), "status_code", None)
-            if status in (401, 403):
+            if status == 403:
+                raise CkptavgError(
+                    f"{where}: access refused (HTTP 403); this token cannot read it (gated: accept its terms "
+                    "on the Hub with the token's account)"
+                ) from e
+            if status == 401 or isinstance(e, GatedRepoError):
                 raise CkptavgError(f"{where}: access refused; a token is needed (--token or HF_TOKEN)") from e
             raise CkptavgError(f"{where}: repository not found (or private: pass --token)") from e
         except RevisionNotFoundError as e:
