@@ -458,6 +458,38 @@ def test_two_tasks_sharing_a_cache_and_members_do_not_delete_each_others_files(h
     assert not list((repo_cache / "blobs").iterdir())  # whoever finished last deleted the shared files
 
 
+def test_a_pickle_that_is_not_plain_weights_is_refused_while_planning(hub: HubServer, tmp_path: Path):
+    from test_bad_input import Reduces
+
+    repo = "Evil/run"
+    for s in (1000, 2000):
+        write_pythia_step(hub.root / repo / f"step{s}", s)
+    f = hub.root / repo / "step2000" / "pytorch_model.bin"
+    marker = tmp_path / "marker"
+    torch.save({**torch.load(f, weights_only=True), "extra": Reduces(str(marker))}, f)
+    hub.requests.clear()
+    r = CliRunner().invoke(
+        cli,
+        [
+            "lawa",
+            "--repo",
+            repo,
+            "--steps",
+            "2000:2000",
+            "--k",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            *hub_args(hub, tmp_path),
+        ],
+    )
+    assert r.exit_code == 1
+    assert r.stderr.startswith(f"Error: {repo}@step2000/pytorch_model.bin: holds objects other than plain weights"), (
+        r.stderr
+    )
+    assert not marker.exists() and not downloads(hub) and not (tmp_path / "o").exists()
+
+
 def test_a_file_shorter_than_announced_is_an_error_and_is_not_used(hub: HubServer, tmp_path: Path):
     cmd = ["lawa", "--repo", REPO, "--steps", "2000:2000", "--k", "2", *hub_args(hub, tmp_path)]
     r = with_fault(hub, "short", {"pytorch_model.bin": 10}, [*cmd, "--out", str(tmp_path / "o")])
