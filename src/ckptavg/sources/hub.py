@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -143,7 +145,6 @@ class HubSource:
         that outlives the process: huggingface_hub 2.x resumes a dropped connection within one call,
         yet deletes its partial file when the call fails, so a killed 10 GB download would start over.
         Here ``blobs/<etag>.incomplete`` stays, and the next run continues it by HTTP range."""
-        import fcntl
 
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
@@ -161,6 +162,27 @@ class HubSource:
         link = self.repo_cache / "snapshots" / commit / filename
         blobs.mkdir(parents=True, exist_ok=True)
         partial = blobs / f"{meta.etag}.incomplete"
+        while True:
+            self._fetch_blob(blob, partial, meta.location, filename, size)
+            with self._repo_lock(exclusive=False):
+                if not blob.exists():  # deleted by another process in between: fetch it again
+                    continue
+                link.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    link.symlink_to(os.path.relpath(blob, link.parent))
+                except FileExistsError:  # another process sharing the cache linked it first
+                    pass
+                break
+        ref = self.repo_cache / "refs" / name
+        if not ref.exists():
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(commit)
+        return link
+
+    def _fetch_blob(self, blob: Path, partial: Path, url: str, filename: str, size: int) -> None:
+        """Download into ``blob`` through ``partial``, unless it is there; one process at a time."""
+        import fcntl
+
         while not blob.exists():
             with open(partial, "a+b") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)  # another process may be fetching the same file: wait for it
@@ -174,18 +196,8 @@ class HubSource:
                     break
                 if not current:  # renamed or removed by the holder before us: open the new one
                     continue
-                self._fetch_into(f, meta.location, filename, size, partial)
+                self._fetch_into(f, url, filename, size, partial)
                 os.replace(partial, blob)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            link.symlink_to(os.path.relpath(blob, link.parent))
-        except FileExistsError:  # another process sharing the cache linked the same blob first
-            pass
-        ref = self.repo_cache / "refs" / name
-        if not ref.exists():
-            ref.parent.mkdir(parents=True, exist_ok=True)
-            ref.write_text(commit)
-        return link
 
     def use(self, step: int, filename: str, size: int | None = None) -> tuple[Path, bool]:
         """One file of a revision in the cache, held in use until ``done_with``; and whether this call
@@ -207,8 +219,9 @@ class HubSource:
                 if size is not None and not self.offline:
                     what = f"download {filename} of {name}"
                     link = self._call(lambda: self._download_resumable(step, filename, size), what=what)
-                else:
-                    link = self._download(step, filename)  # small files, and offline mode
+                else:  # small files, and offline mode; the client links a blob that may be shared
+                    with self._repo_lock(exclusive=False):
+                        link = self._download(step, filename)
         except BaseException:
             os.close(fd)
             raise
@@ -232,8 +245,25 @@ class HubSource:
         try:
             ours = self._lock_dir(commit) / f"{filename}.ours"
             if ours.exists():
-                _evict(self.repo_cache / "snapshots" / commit / filename)
+                with self._repo_lock(exclusive=True):
+                    _evict(self.repo_cache / "snapshots" / commit / filename)
                 ours.unlink()
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _repo_lock(self, *, exclusive: bool) -> Iterator[None]:
+        """Revisions share blobs (the same tokenizer, config or index in every revision). Linking a blob
+        holds this lock shared, and deleting a blob that no link uses any more holds it exclusively, so
+        another process never links a blob in the instant it is deleted."""
+        import fcntl
+
+        path = self._lock_dir("") / "repo.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
         finally:
             os.close(fd)
 
