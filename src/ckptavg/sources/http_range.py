@@ -22,7 +22,6 @@ class RangeReader(io.RawIOBase):
         self.block = block
         self.pos = 0
         self.blocks: dict[int, bytes] = {}
-        self.requests = 0
 
     def warm(self, *, tail: bool) -> None:
         """Fetch the first and last blocks now, where a failure is still a plain Python exception: a
@@ -70,7 +69,6 @@ class RangeReader(io.RawIOBase):
             last = min(first + self.block, self.size) - 1
             response = http_backoff("GET", self.url, headers={**self.headers, "Range": f"bytes={first}-{last}"})
             hf_raise_for_status(response)
-            self.requests += 1
             body = response.content
             if response.status_code == 200:  # a server that ignores Range sends the whole file
                 body = body[first : last + 1]
