@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,12 +44,13 @@ REPO = "bench/pythia"
 def tree_bytes(path: Path) -> int:
     """Bytes of the files under ``path``; files deleted while we look count as gone."""
     total = 0
-    for p in path.rglob("*"):
-        try:
-            if not p.is_symlink() and p.is_file():
-                total += p.stat().st_size
-        except FileNotFoundError:
-            pass
+    for folder, _, names in os.walk(path):  # os.walk skips folders that vanish
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return total
 
 
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--shards", type=int, default=1, help="serve each checkpoint in this many .bin shards")
     ap.add_argument("--budgets", default="window", help="comma list: window, min, or bytes")
+    ap.add_argument("--rate", type=float, default=0, help="MB/s per connection, as a CDN limits a stream [none]")
     args = ap.parse_args()
     start, end = (int(x) for x in args.ends.split(":"))
     steps = sorted({e - i * 1000 for e in range(start, end + 1, 1000) for i in range(args.k)})
@@ -142,6 +145,9 @@ def main() -> None:
         with HubServer(tmpd / "hub") as server:
             for f in weights:  # the real Hub has its content hashes ready; the test server computes them once
                 server.etag(f)
+            if args.rate:
+                server.faults["rate"] = args.rate * 1e6
+                rows.append(f"| server | at most {args.rate:g} MB/s per connection |")
             floor_s = floor(server, weights, tmpd / "floor.tmp")
             rows.append(f"| download floor (each weight file once, to disk, no averaging) | {floor_s:.1f} s |")
             for i, name in enumerate(args.budgets.split(",")):

@@ -6,9 +6,10 @@ real Hub can answer: ``{"status": 503}`` for every request, ``{"gated": {"ORG/NA
 ``{"forbidden": {"ORG/NAME"}}`` for 403s (a gated repository without accepted terms),
 ``{"drop": {"pytorch_model.bin": n}}`` to cut the next n downloads of a file half way,
 ``{"short": {"pytorch_model.bin": n}}`` to send every download of it n bytes short of the size its HEAD
-announced, ``{"slow": {"pytorch_model.bin": seconds}}`` to wait before answering. Faults hit downloads
+announced, ``{"slow": {"pytorch_model.bin": seconds}}`` to wait before answering. These hit downloads
 (no Range, or an open one ``bytes=N-`` that resumes), not the closed ranges that read headers.
-``{"unresolvable": {"pytorch_model.bin"}}`` lists a file but answers 404 when it is fetched.
+``{"unresolvable": {"pytorch_model.bin"}}`` lists a file but answers 404 when it is fetched, and
+``{"rate": bytes}`` sends every response at most that fast per connection (a CDN's limit per stream).
 ``requests`` logs every request with its Range, ``tokens`` its Authorization header.
 """
 
@@ -182,6 +183,8 @@ class HubServer:
         h.end_headers()
         if head:
             return
+        rate = self.faults.get("rate")  # bytes per second per connection, as a CDN allows one stream
+        t0, sent = time.perf_counter(), 0
         with open(file, "rb") as f:
             f.seek(start)
             while send > 0:
@@ -190,4 +193,7 @@ class HubServer:
                     break
                 h.wfile.write(block)
                 send -= len(block)
+                sent += len(block)
+                if rate:
+                    time.sleep(max(0.0, t0 + sent / rate - time.perf_counter()))
         h.wfile.flush()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -280,13 +282,15 @@ def test_shard_by_shard_within_a_budget_smaller_than_one_window(hub: HubServer, 
     window = 2 * max(sum(f.stat().st_size for f in d.iterdir()) for d in folders)
     assert budget < 0.6 * window
 
-    def cache_bytes() -> int:  # the run deletes files while we look: those count as gone
+    def cache_bytes() -> int:  # the run deletes files (and folders) while we look: those count as gone
         total = 0
-        for p in cache.rglob("*"):
-            try:
-                total += p.lstat().st_size if p.is_file() and not p.is_symlink() else 0
-            except FileNotFoundError:
-                pass
+        for folder, _, names in os.walk(cache):  # os.walk skips folders that vanish
+            for name in names:
+                try:
+                    st = os.lstat(os.path.join(folder, name))
+                except FileNotFoundError:
+                    continue
+                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
         return total
 
     peak, stop = [0], threading.Event()
@@ -380,7 +384,8 @@ def test_a_download_cut_by_a_killed_run_is_continued_not_restarted(hub: HubServe
     hub.requests.clear()
     r = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
-    assert downloads(hub)[0].endswith("/pytorch_model.bin [bytes=30000-]"), downloads(hub)
+    of_1000 = [r for r in downloads(hub) if f"/{commit_of(REPO, 'step1000')}/" in r]
+    assert len(of_1000) == 1 and of_1000[0].endswith("/pytorch_model.bin [bytes=30000-]"), of_1000
     a = load_file(tmp_path / "o" / "step2000" / "model.safetensors")
     local = CliRunner().invoke(
         cli,
@@ -495,7 +500,7 @@ def test_a_file_shorter_than_announced_is_an_error_and_is_not_used(hub: HubServe
     r = with_fault(hub, "short", {"pytorch_model.bin": 10}, [*cmd, "--out", str(tmp_path / "o")])
     assert r.exit_code == 1
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "pytorch_model.bin of step1000" in r.stderr and "should be of size" in r.stderr
+    assert re.search(r"pytorch_model\.bin of step(1000|2000) ", r.stderr) and "should be of size" in r.stderr
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
     assert not [p for p in (tmp_path / "cache").rglob("blobs/*") if not p.name.endswith(".incomplete")]
 

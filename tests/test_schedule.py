@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,36 @@ def test_a_failed_download_reaches_the_caller_and_nothing_stays(tmp_path: Path):
         d.ready(0)
     d.close()
     assert not list(tmp_path.iterdir()) and d.held == 0
+
+
+def test_a_unit_downloads_its_files_on_several_streams_at_once(tmp_path: Path):
+    """A CDN limits each connection: files of a unit are fetched side by side, at most ``workers`` at once."""
+    log: list[tuple[str, int, str]] = []
+    ms = members([1000, 2000, 3000], tmp_path, log)
+    together = threading.Barrier(2, timeout=5)  # passes only if two downloads are in flight at once
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def side_by_side(remote: FolderRemote) -> Callable[[str], tuple[Path, bool]]:
+        plain = remote.download
+
+        def download(filename: str) -> tuple[Path, bool]:
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            together.wait()
+            time.sleep(0.05)
+            with lock:
+                active[0] -= 1
+            return plain(filename)
+
+        return download
+
+    for c in ms.values():
+        c.remote.download = side_by_side(c.remote)  # type: ignore[union-attr,method-assign,arg-type]
+    units, _ = plan_units(lawa([3000], k=3), ms, [["x", "y", "z"]], None)
+    d = Downloader(units, ms, budget=10**6, workers=2)
+    try:
+        d.ready(0)  # six files, two at a time: the barrier breaks (and ready raises) if they came one by one
+    finally:
+        d.close()
+    assert most[0] == 2

@@ -112,10 +112,14 @@ class Downloader:
     the user's, used and never deleted.
     """
 
-    def __init__(self, units: list[Unit], members: dict[int, Checkpoint], budget: int, held: int = 0) -> None:
+    def __init__(
+        self, units: list[Unit], members: dict[int, Checkpoint], budget: int, held: int = 0, workers: int = 4
+    ) -> None:
         self.units = units
         self.members = members
         self.budget = budget
+        self.workers = workers  # downloads at once
+        self.streams = 0
         self.cond = threading.Condition()
         self.local: dict[FileKey, tuple[Path, bool]] = {}  # path, and whether it counts against the budget
         self.attached: set[FileKey] = set()
@@ -133,28 +137,31 @@ class Downloader:
             for u, unit in enumerate(self.units):
                 with self.cond:
                     self.cond.wait_for(lambda u=u: self.closed or self.released >= u - 1)  # type: ignore[misc]
+                streams: list[threading.Thread] = []
+                errors: list[BaseException] = []
                 for key in sorted(unit.files):
                     need = _size(self.members, key)
                     with self.cond:
                         if key in self.local:  # kept from the unit before
                             continue
-                        self.cond.wait_for(lambda need=need: self.closed or self.held + need <= self.budget)  # type: ignore[misc]
+                        self.cond.wait_for(  # a free stream, and room in the budget
+                            lambda need=need: (
+                                self.closed  # type: ignore[misc]
+                                or (self.streams < self.workers and self.held + need <= self.budget)
+                            )
+                        )
                         if self.closed:
                             return
                         self.held += need
                         self.peak = max(self.peak, self.held)
-                    remote = self.members[key[0]].remote
-                    assert remote is not None
-                    try:
-                        path, fetched = remote.download(key[1])
-                    except BaseException:
-                        with self.cond:
-                            self.held -= need
-                        raise
-                    with self.cond:
-                        self.local[key] = (path, fetched)
-                        if not fetched:  # it was in the cache already: not ours to count
-                            self.held -= need
+                        self.streams += 1
+                    t = threading.Thread(target=self._fetch, args=(key, need, errors), daemon=True)
+                    t.start()
+                    streams.append(t)
+                for t in streams:
+                    t.join()
+                if errors:
+                    raise errors[0]
                 with self.cond:
                     self.fetched = u + 1
                     self.cond.notify_all()
@@ -162,6 +169,31 @@ class Downloader:
             with self.cond:
                 self.error = e
                 self.cond.notify_all()
+
+    def _fetch(self, key: FileKey, need: int, errors: list[BaseException]) -> None:
+        """One download, on a thread of its own: a CDN serves each connection at a limited rate."""
+        remote = self.members[key[0]].remote
+        assert remote is not None
+        try:
+            path, fetched = remote.download(key[1])
+        except BaseException as e:
+            with self.cond:
+                self.held -= need
+                self.streams -= 1
+                errors.append(e)
+                self.cond.notify_all()
+            return
+        with self.cond:
+            late = self.closed  # the run ended while this download went on: let go of it here
+            if not late:
+                self.local[key] = (path, fetched)
+            if not fetched or late:  # in the cache already (not ours to count), or let go of
+                self.held -= need
+            self.streams -= 1
+            self.cond.notify_all()
+        if late:
+            close_files(path)
+            remote.done_with(key[1])
 
     def ready(self, u: int) -> None:
         """Wait until unit ``u``'s files are here, and point its members' entries at them."""
