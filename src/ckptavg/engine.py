@@ -392,12 +392,16 @@ class _WriteBehind:
         self.jobs: queue.Queue[object] = queue.Queue()
         self.error: BaseException | None = None
         self.closed = False
+        self.abandoned = False
         self.thread = threading.Thread(target=self._loop, name="ckptavg-writer", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
-        while True:
-            item = self.jobs.get()
+        while not self.abandoned:
+            try:
+                item = self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
             if item is None:
                 return
             try:
@@ -437,16 +441,18 @@ class _WriteBehind:
         if self.closed:
             return
         if discard:
+            # No queue operation here: a Ctrl-C that lands inside put() or get() in this thread can leave
+            # the queue's lock taken for good, and taking it again would hang the way out. Flags only.
             self.error = self.error or _Discarded()
-        if not self.thread.is_alive():
+            self.abandoned = True
+            self.thread.join(timeout=1)
             self.closed = True
             return
-        self.jobs.put(None)
-        # Abandoning (discard), the writer only drains skipped items: never wait long for it.
-        self.thread.join(timeout=5 if discard else None)
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
         self.closed = True
-        if not discard:
-            self._check()
+        self._check()
 
 
 class _Discarded(Exception):
@@ -497,4 +503,4 @@ class _Prefetch:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join(timeout=5)
+        self.thread.join(timeout=1)  # a reader blocked on a queue lock a Ctrl-C left taken: do not wait

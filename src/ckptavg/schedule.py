@@ -8,14 +8,16 @@ files, averages those tensors into its outputs and deletes what the next unit do
 disk holds k shards, not k checkpoints, and a file shared by neighbouring windows is downloaded once.
 The outputs stay open across units (their writers take tensors in any order).
 
-A thread downloads the next unit's files while the current one is averaged, inside the same budget:
-a larger budget buys overlap, the smallest one still works. Local runs are a single unit. (Logs and
+A thread downloads the next unit's files while the current one is averaged, up to four files at a
+time (a CDN serves each connection at a limited rate), inside the same budget: a larger budget buys
+overlap, the smallest one still works. Local runs are a single unit. (Logs and
 the README call units "parts".)
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +106,9 @@ def _size(members: dict[int, Checkpoint], key: FileKey) -> int:
 
 
 class Downloader:
-    """Fetches each unit's files on a thread, at most one unit ahead of the averaging and never past the
-    budget: ``ready`` waits for a unit's files, ``release`` deletes those the next unit does not need.
+    """Fetches each unit's files, ``workers`` at a time, at most one unit ahead of the averaging and never
+    past the budget: ``ready`` waits for a unit's files, ``release`` lets go of those the next unit does
+    not need.
 
     The budget counts what this run brought into the cache and still holds (reserved up front for a
     download in flight). The remote decides what is deleted: files that were cached before the run are
@@ -120,6 +123,7 @@ class Downloader:
         self.budget = budget
         self.workers = workers  # downloads at once
         self.streams = 0
+        self.threads: list[threading.Thread] = []
         self.cond = threading.Condition()
         self.local: dict[FileKey, tuple[Path, bool]] = {}  # path, and whether it counts against the budget
         self.attached: set[FileKey] = set()
@@ -158,6 +162,7 @@ class Downloader:
                     t = threading.Thread(target=self._fetch, args=(key, need, errors), daemon=True)
                     t.start()
                     streams.append(t)
+                    self.threads.append(t)
                 for t in streams:
                     t.join()
                 if errors:
@@ -238,6 +243,10 @@ class Downloader:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
-        self.thread.join(timeout=1)  # a download in flight cannot be cut short; its thread dies with us
+        # A download in flight cannot be cut short: wait a moment, then leave it to let go of its file
+        # itself when it ends (or to die with the process, leaving a partial file to continue).
+        deadline = time.monotonic() + 1
+        for t in [self.thread, *self.threads]:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         for key in list(self.local):
             self._drop(key)

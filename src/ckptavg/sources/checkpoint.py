@@ -126,7 +126,9 @@ class _OpenFiles:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
+        # Reentrant: a Ctrl-C landing inside ``with self._lock`` in the main thread can leave it taken,
+        # and the way out (close_files) takes it again in that same thread.
+        self._lock = threading.RLock()
 
     def fd(self, path: Path) -> int:
         fd = self._fds.get(path)
