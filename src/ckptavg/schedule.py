@@ -159,10 +159,11 @@ class Downloader:
                         self.held += need
                         self.peak = max(self.peak, self.held)
                         self.streams += 1
-                    t = threading.Thread(target=self._fetch, args=(key, need, errors), daemon=True)
-                    t.start()
-                    streams.append(t)
-                    self.threads.append(t)
+                        # Started under the lock, so that close() either sees it or stops us first.
+                        t = threading.Thread(target=self._fetch, args=(key, need, errors), daemon=True)
+                        t.start()
+                        streams.append(t)
+                        self.threads.append(t)
                 for t in streams:
                     t.join()
                 if errors:
@@ -243,10 +244,11 @@ class Downloader:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+            threads = [self.thread, *self.threads]
         # A download in flight cannot be cut short: wait a moment, then leave it to let go of its file
         # itself when it ends (or to die with the process, leaving a partial file to continue).
         deadline = time.monotonic() + 1
-        for t in [self.thread, *self.threads]:
+        for t in threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         for key in list(self.local):
             self._drop(key)
