@@ -146,6 +146,8 @@ class Downloader:
                 for key in sorted(unit.files):
                     need = _size(self.members, key)
                     with self.cond:
+                        if errors:  # one download failed: start no more, report it
+                            break
                         if key in self.local:  # kept from the unit before
                             continue
                         self.cond.wait_for(  # a free stream, and room in the budget
@@ -163,7 +165,7 @@ class Downloader:
                         t = threading.Thread(target=self._fetch, args=(key, need, errors), daemon=True)
                         t.start()
                         streams.append(t)
-                        self.threads.append(t)
+                        self.threads = [*(x for x in self.threads if x.is_alive()), t]
                 for t in streams:
                     t.join()
                 if errors:
