@@ -23,11 +23,9 @@ import argparse
 import json
 import os
 import re
-import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,23 +33,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 os.environ.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost")
 
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer, PeakSize, tree_bytes  # noqa: E402
 
 CKPTAVG = [sys.executable, "-m", "ckptavg"]
 REPO = "bench/pythia"
-
-
-def tree_bytes(path: Path) -> int:
-    """Bytes of the files under ``path``; files deleted while we look count as gone."""
-    total = 0
-    for folder, _, names in os.walk(path):  # os.walk skips folders that vanish
-        for name in names:
-            try:
-                st = os.lstat(os.path.join(folder, name))
-            except FileNotFoundError:
-                continue
-            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-    return total
 
 
 def reshard(src: Path, dst: Path, shards: int) -> None:
@@ -156,26 +141,15 @@ def main() -> None:
                     "min": args.k * shard + windows * small + 10**6,  # + index files, held to the end
                 }.get(name) or int(name)
                 cache = tmpd / f"cache{i}"
-                peak, stop = [0], threading.Event()
-
-                def watch(cache: Path = cache, peak: list[int] = peak, stop: threading.Event = stop) -> None:
-                    while not stop.is_set():
-                        if cache.exists():
-                            peak[0] = max(peak[0], tree_bytes(cache))
-                        time.sleep(0.01)
-
-                watcher = threading.Thread(target=watch, daemon=True)
                 server.requests.clear()
-                watcher.start()
-                hub_s, hub_rss = lawa(
-                    ["--repo", REPO, "--endpoint", server.url, "--cache-dir", str(cache)],
-                    args,
-                    tmpd / f"hub-out{i}",
-                    "--disk-budget",
-                    str(budget),
-                )
-                stop.set()
-                watcher.join()
+                with PeakSize(cache, every=0.01) as sampled:
+                    hub_s, hub_rss = lawa(
+                        ["--repo", REPO, "--endpoint", server.url, "--cache-dir", str(cache)],
+                        args,
+                        tmpd / f"hub-out{i}",
+                        "--disk-budget",
+                        str(budget),
+                    )
                 gets = [r for r in server.requests if r.startswith("GET") and re.search(r"\.bin( \[bytes=\d+-\])?$", r)]
                 ranges = [tuple(map(int, m)) for r in server.requests for m in re.findall(r"\[bytes=(\d+)-(\d+)\]$", r)]
                 header = sum(b + 1 - a for a, b in ranges)
@@ -186,8 +160,8 @@ def main() -> None:
                     f"peak RSS {hub_rss:.2f} GB |",
                     f"| &nbsp; weight files downloaded | {len(gets)} (naive, every member of every window: {naive}; "
                     f"{len(gets) / naive:.2f}x) |",
-                    f"| &nbsp; peak cache | {peak[0] / 1e9:.2f} GB ({peak[0] / budget:.2f}x the budget, "
-                    f"{peak[0] / (ckpt_bytes * args.k):.2f}x one window's checkpoints) |",
+                    f"| &nbsp; peak cache | {sampled.peak / 1e9:.2f} GB ({sampled.peak / budget:.2f}x the budget, "
+                    f"{sampled.peak / (ckpt_bytes * args.k):.2f}x one window's checkpoints) |",
                     f"| &nbsp; read by planning | {header / 1e6:.2f} MB in {len(ranges)} range requests "
                     f"({header / sum(f.stat().st_size for f in weights):.1e} of the weight bytes) |",
                 ]

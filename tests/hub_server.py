@@ -17,12 +17,51 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path``. A run deletes files and folders while we look: those
+    count as gone (os.walk skips folders that vanish)."""
+    total = 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(folder, name))
+            except FileNotFoundError:
+                continue
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+class PeakSize:
+    """Samples ``tree_bytes(path)`` on a thread while the ``with`` block runs; ``peak`` is the largest."""
+
+    def __init__(self, path: Path, every: float = 0.002) -> None:
+        self.path, self.every, self.peak = path, every, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            if self.path.exists():
+                self.peak = max(self.peak, tree_bytes(self.path))
+            time.sleep(self.every)
+
+    def __enter__(self) -> PeakSize:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def commit_of(repo: str, branch: str) -> str:

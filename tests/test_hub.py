@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from factories import write_pythia_step
-from hub_server import HubServer, commit_of
+from hub_server import HubServer, PeakSize, commit_of
 from safetensors.torch import load_file
 
 from ckptavg.cli import cli
@@ -269,8 +268,6 @@ def assert_same_as_local_sharded(hub: HubServer, out: Path, local: Path) -> None
 
 def test_shard_by_shard_within_a_budget_smaller_than_one_window(hub: HubServer, tmp_path: Path):
     """Like Pythia-12B (three .bin shards per revision): the disk holds k shards at a time, not k checkpoints."""
-    import threading
-    import time
 
     cache = tmp_path / "cache"
     folders = [hub.root / SHARDED / f"step{s}" for s in STEPS]
@@ -282,36 +279,12 @@ def test_shard_by_shard_within_a_budget_smaller_than_one_window(hub: HubServer, 
     window = 2 * max(sum(f.stat().st_size for f in d.iterdir()) for d in folders)
     assert budget < 0.6 * window
 
-    def cache_bytes() -> int:  # the run deletes files (and folders) while we look: those count as gone
-        total = 0
-        for folder, _, names in os.walk(cache):  # os.walk skips folders that vanish
-            for name in names:
-                try:
-                    st = os.lstat(os.path.join(folder, name))
-                except FileNotFoundError:
-                    continue
-                total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-        return total
-
-    peak, stop = [0], threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            if cache.exists():
-                peak[0] = max(peak[0], cache_bytes())
-            time.sleep(0.002)
-
     cmd = ["lawa", "--repo", SHARDED, "--steps", "2000:4000", "--k", "2", *hub_args(hub, tmp_path)]
     hub.requests.clear()
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with PeakSize(cache) as sampled:
         r = CliRunner().invoke(cli, [*cmd, "--out", str(tmp_path / "o"), "--disk-budget", str(budget)])
-    finally:
-        stop.set()
-        watcher.join()
     assert r.exit_code == 0, r.output
-    assert 0 < peak[0] <= budget, (peak[0], budget)
+    assert 0 < sampled.peak <= budget, (sampled.peak, budget)
     parts = re.search(r"part 1 of (\d+)", r.stderr)
     assert parts and int(parts.group(1)) > 3, r.stderr  # shard by shard: more parts than windows
     got = downloads(hub)
@@ -506,7 +479,6 @@ def test_a_file_shorter_than_announced_is_an_error_and_is_not_used(hub: HubServe
 
 
 def test_offline_from_a_warm_cache(hub: HubServer, tmp_path: Path):
-    import os
 
     from huggingface_hub import hf_hub_download
 
