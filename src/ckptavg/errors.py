@@ -54,3 +54,45 @@ class NonFiniteError(CkptavgError):
 
 class OutputError(CkptavgError):
     """The output cannot be written: it exists, escapes its folder, or the disk refused."""
+
+
+class HubError(CkptavgError):
+    """A request to a Hub failed for good: the repository, a revision or a file cannot be had as asked."""
+
+    def __init__(self, message: str, *, repo: str = "", revision: str | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.repo = repo
+        self.revision = revision
+        self.filename = filename
+
+
+class HubUnavailableError(HubError):
+    """Transient faults (HTTP 429 or 5xx, dropped connections, timeouts) outlived the retries.
+
+    Nothing is wrong with the input: a run that fails this way keeps its finished work, and the same
+    command later resumes it."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo: str = "",
+        revision: str | None = None,
+        filename: str | None = None,
+        attempts: int = 0,
+        seconds: float = 0.0,
+        last: str = "",
+    ):
+        super().__init__(message, repo=repo, revision=revision, filename=filename)
+        self.attempts = attempts
+        self.seconds = seconds
+        self.last = last
+
+
+class UnsafeServerValueError(HubError):
+    """A value from the server (file name, index entry, revision name, commit hash, ETag) would make a
+    path outside the repository's cache folder, or is not what that field can hold."""
+
+
+class TokenError(InvalidArgumentError):
+    """A token that cannot be sent as an HTTP header. Its message never contains the token."""
