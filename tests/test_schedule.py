@@ -1,4 +1,4 @@
-"""The order of work for Hub runs: units shard by shard within a budget, and the downloader thread.
+"""The order of work for Hub runs: units shard by shard within a budget, and the download stage.
 
 The remote here is a folder of real files standing in for a Hub revision (the Hub path itself is tested
 against the Hub-like server in test_hub.py); what is under test is the scheduling around it.
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from ckptavg.errors import InvalidArgumentError
-from ckptavg.schedule import Downloader, plan_units, tensor_groups
-from ckptavg.sources import Checkpoint, TensorEntry, TensorInfo
+from ckptavg.pipeline import ByteBudget
+from ckptavg.schedule import Downloads, plan_units, tensor_groups
+from ckptavg.sources import Checkpoint, FileTable, TensorEntry, TensorInfo
 from ckptavg.windows import Window
 
 SHARDS = {"a.bin": ["x", "y"], "b.bin": ["z"]}  # two shard positions, as in an index
@@ -37,14 +38,13 @@ class FolderRemote:
         path.write_bytes(b"\0" * self.sizes[filename])
         return path, True
 
-    def done_with(self, filename: str) -> None:
-        (self.cache / f"{self.step}-{filename}").unlink()
+    def done_with(self, filename: str, *, keep: bool = False) -> None:
+        if not keep:
+            (self.cache / f"{self.step}-{filename}").unlink()
 
-    def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:
-        self.log.append(("attach", self.step, filename))
-
-    def detach(self, ckpt: Checkpoint, filename: str) -> None:
-        pass
+    def local_entries(self, filename: str, local: Path) -> dict[str, TensorEntry]:
+        self.log.append(("located", self.step, filename))
+        return {}
 
 
 def members(steps: list[int], cache: Path, log: list[tuple[str, int, str]]) -> dict[int, Checkpoint]:
@@ -81,9 +81,15 @@ def test_units_go_shard_by_shard_and_group_windows_that_fit(tmp_path: Path):
         plan_units(windows, ms, groups, 199)
 
 
-def wait(cond: threading.Condition, pred: object, timeout: float = 5) -> bool:
-    with cond:
-        return cond.wait_for(pred, timeout)  # type: ignore[arg-type]
+def until(pred: Callable[[], bool], timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pred()
+
+
+def downloaded(log: list[tuple[str, int, str]]) -> list[tuple[int, str]]:
+    return [(s, f) for what, s, f in log if what == "download"]
 
 
 def test_downloads_run_a_unit_ahead_when_the_budget_allows(tmp_path: Path):
@@ -91,16 +97,17 @@ def test_downloads_run_a_unit_ahead_when_the_budget_allows(tmp_path: Path):
     ms = members([1000, 2000, 3000], tmp_path, log)
     units, _ = plan_units(lawa([2000, 3000]), ms, tensor_groups(ms[3000]), 200)
     assert len(units) == 4
-    d = Downloader(units, ms, budget=400)
+    budget = ByteBudget(400)
+    d = Downloads(units, ms, budget, FileTable())
     try:
         d.ready(0)
-        assert wait(d.cond, lambda: d.fetched == 2)  # unit 1's files arrive while unit 0 is averaged
-        assert d.peak == 300  # step 2000's a.bin serves both units: three files, not four
+        assert until(lambda: (3000, "a.bin") in downloaded(log))  # unit 1's file arrives while unit 0 is averaged
+        assert budget.peak == 300  # step 2000's a.bin serves both units: three files, not four
         d.release(0)
         assert not (tmp_path / "1000-a.bin").exists() and (tmp_path / "2000-a.bin").exists()  # kept for unit 1
         d.ready(1)
         d.release(1)
-        assert [e for e in log if e[0] == "download"].count(("download", 2000, "a.bin")) == 1
+        assert downloaded(log).count((2000, "a.bin")) == 1
     finally:
         d.close()
     assert not list(tmp_path.iterdir())
@@ -109,17 +116,36 @@ def test_downloads_run_a_unit_ahead_when_the_budget_allows(tmp_path: Path):
 def test_downloads_wait_for_space_when_the_budget_holds_one_unit(tmp_path: Path):
     log: list[tuple[str, int, str]] = []
     ms = members([1000, 2000, 3000], tmp_path, log)
-    units, budget = plan_units(lawa([2000, 3000]), ms, tensor_groups(ms[3000]), 200)
-    d = Downloader(units, ms, budget=budget)
+    units, limit = plan_units(lawa([2000, 3000]), ms, tensor_groups(ms[3000]), 200)
+    budget = ByteBudget(limit)
+    d = Downloads(units, ms, budget, FileTable())
     try:
         d.ready(0)
         time.sleep(0.3)
-        assert d.fetched == 1 and d.held == 200  # 3000/a.bin would not fit before 1000/a.bin goes
+        assert (3000, "a.bin") not in downloaded(log) and budget.used == 200  # it fits once 1000/a.bin goes
         d.release(0)
         d.ready(1)
-        assert d.peak == 200
+        assert budget.peak == 200
     finally:
         d.close()
+
+
+def test_the_budget_is_granted_in_the_order_asked_so_a_part_is_never_starved_by_the_next():
+    budget = ByteBudget(100, held=60)
+    first, second = budget.ticket(), budget.ticket()
+    got: list[str] = []
+    later = threading.Thread(target=lambda: budget.take(second, 10) and got.append("second"))
+    later.start()
+    time.sleep(0.1)
+    assert got == []  # 10 bytes would fit, but the earlier request (50 bytes) goes first
+    earlier = threading.Thread(target=lambda: budget.take(first, 50) and got.append("first"))
+    earlier.start()
+    time.sleep(0.1)
+    assert got == []  # 60 + 50 > 100
+    budget.give(60)
+    earlier.join(5)
+    later.join(5)
+    assert got == ["first", "second"] and budget.used == 60
 
 
 def test_a_failed_download_reaches_the_caller_and_nothing_stays(tmp_path: Path):
@@ -130,12 +156,22 @@ def test_a_failed_download_reaches_the_caller_and_nothing_stays(tmp_path: Path):
         raise OSError(f"connection reset while downloading {filename}")
 
     ms[2000].remote.download = broken  # type: ignore[union-attr,method-assign]
-    units, budget = plan_units(lawa([2000]), ms, tensor_groups(ms[2000]), None)
-    d = Downloader(units, ms, budget=budget)
+    units, limit = plan_units(lawa([2000]), ms, tensor_groups(ms[2000]), None)
+    budget = ByteBudget(limit)
+    d = Downloads(units, ms, budget, FileTable())
     with pytest.raises(OSError, match="connection reset while downloading a.bin"):
         d.ready(0)
     d.close()
-    assert not list(tmp_path.iterdir()) and d.held == 0
+    assert until(lambda: not list(tmp_path.iterdir()) and budget.used == 0)
+
+
+def test_a_failed_run_that_keeps_its_progress_keeps_its_downloads(tmp_path: Path):
+    ms = members([1000, 2000], tmp_path, [])
+    units, limit = plan_units(lawa([2000]), ms, tensor_groups(ms[2000]), None)
+    d = Downloads(units, ms, ByteBudget(limit), FileTable())
+    d.ready(0)
+    d.close(keep=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1000-a.bin", "1000-b.bin", "2000-a.bin", "2000-b.bin"]
 
 
 def test_a_unit_downloads_its_files_on_several_streams_at_once(tmp_path: Path):
@@ -163,7 +199,7 @@ def test_a_unit_downloads_its_files_on_several_streams_at_once(tmp_path: Path):
     for c in ms.values():
         c.remote.download = side_by_side(c.remote)  # type: ignore[union-attr,method-assign,arg-type]
     units, _ = plan_units(lawa([3000], k=3), ms, [["x", "y", "z"]], None)
-    d = Downloader(units, ms, budget=10**6, workers=2)
+    d = Downloads(units, ms, ByteBudget(10**6), FileTable(), workers=2)
     try:
         d.ready(0)  # six files, two at a time: the barrier breaks (and ready raises) if they came one by one
     finally:

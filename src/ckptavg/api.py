@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from ckptavg import __version__, engine, schedule
+from ckptavg import __version__, engine, runner, schedule
 from ckptavg.errors import CheckpointFormatError, CkptavgError, InvalidArgumentError, MismatchError, OutputError
-from ckptavg.progress import Reporter, human_bytes
-from ckptavg.sources import Checkpoint, Run, TensorInfo, close_files, open_checkpoint, open_run
-from ckptavg.sources.checkpoint import Remote
+from ckptavg.progress import Reporter
+from ckptavg.sources import Checkpoint, Run, open_checkpoint, open_run
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.steps import StepRange
 from ckptavg.windows import (
@@ -36,10 +35,9 @@ from ckptavg.windows import (
     lawa_windows,
     swa_windows,
 )
-from ckptavg.writers import FolderWriter, write_nanogpt_ckpt
 from ckptavg.writers.safetensors_folder import TMP_MARK
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = runner.DTYPES
 
 
 @dataclass
@@ -51,6 +49,15 @@ class Plan:
     members: dict[int, Checkpoint]  # member id (step; position for avg) -> checkpoint
     outputs: list[Path]
     by_position: bool = False  # avg: member ids are positions in the command line, not steps
+    # Facts of the whole plan that decide the arithmetic, kept when a task takes its share, so that every
+    # share, resumed run and Hub part computes each window the same way (see engine.choose_reducer).
+    overlapping: bool = False  # some checkpoint is a member of two windows
+    plan_members: int = 0  # checkpoints in the whole plan
+
+    def __post_init__(self) -> None:
+        if not self.plan_members:
+            self.overlapping = engine.windows_overlap(self.windows)
+            self.plan_members = len({m for w in self.windows for m in w.steps})
 
     def bytes_to_read(self) -> int:
         ids = {m for w in self.windows for m in w.steps}
@@ -245,7 +252,17 @@ def downloads(plan: Plan, budget: int | None = None) -> dict[str, int] | None:
 def _subplan(plan: Plan, lo: int, hi: int) -> Plan:
     windows, outputs = plan.windows[lo:hi], plan.outputs[lo:hi]
     members = {m: plan.members[m] for m in sorted({m for w in windows for m in w.steps})}
-    return Plan(plan.method, plan.params, plan.source, windows, members, outputs, plan.by_position)
+    return Plan(
+        plan.method,
+        plan.params,
+        plan.source,
+        windows,
+        members,
+        outputs,
+        plan.by_position,
+        plan.overlapping,
+        plan.plan_members,
+    )
 
 
 def task_share(plan: Plan, task_index: int, num_tasks: int) -> Plan:
@@ -330,12 +347,36 @@ def _finished_plan_id(path: Path) -> str | None:
 # ---------------------------------------------------------------- execution
 
 
+def decide_outputs(plan: Plan, opts: Options, states: Sequence[str]) -> list[int]:
+    """Which outputs a run makes, from their ``output_states``: the complete ones are skipped (unless
+    ``overwrite``), and a folder that another plan made is refused (unless ``overwrite``). Pure."""
+    todo = []
+    for j, state in enumerate(states):
+        if state == "complete" and not opts.overwrite:
+            continue
+        if state == "other" and not opts.overwrite:
+            raise OutputError(
+                f"{plan.outputs[j]}: already exists and was not made by this plan; pass --overwrite to replace it"
+            )
+        todo.append(j)
+    return todo
+
+
+def check_inputs_untouched(plan: Plan) -> None:
+    """No output may replace one of the plan's own local inputs, whatever the options."""
+    inputs = {f.resolve() for c in plan.members.values() if c.remote is None for f in (Path(c.label), *c.files)}
+    for out in plan.outputs:
+        target = out.resolve()
+        clash = next((i for i in sorted(inputs) if i == target or target in i.parents), None)
+        if clash is not None:
+            raise OutputError(f"{out}: would replace input {clash}; choose another --out")
+
+
 def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None = None) -> list[Path]:
     """Produce every output of ``plan``; outputs already made by the same plan are skipped.
 
-    A local run is one pass over its files. A Hub run goes in units (see ``schedule.py``): files are
-    downloaded shard by shard, a unit ahead of the averaging, and deleted when no longer needed, so the
-    run's downloads never hold more than ``opts.disk_budget`` bytes in the cache.
+    ``decide_outputs`` says which outputs to make; ``runner.execute`` makes them (see runner.py for
+    what a failed run keeps).
     """
     opts = opts or Options()
     reporter = reporter or Reporter(quiet=True)
@@ -345,170 +386,16 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {opts.dtype}")
     device = _device(opts.device)
     _raise_open_file_limit()
-    records = [provenance(plan, j, opts) for j in range(len(plan.windows))]
-    inputs = {f.resolve() for c in plan.members.values() if c.remote is None for f in (Path(c.label), *c.files)}
-    todo = []
-    for j, out in enumerate(plan.outputs):
-        target = out.resolve()
-        clash = next((i for i in sorted(inputs) if i == target or target in i.parents), None)
-        if clash is not None:
-            raise OutputError(f"{out}: would replace input {clash}; choose another --out")
-        if out.exists():
-            if _finished_plan_id(out) == records[j]["plan_id"] and not opts.overwrite:
-                reporter.log(f"{out} is complete (same plan); skipped")
-                continue
-            if not opts.overwrite:
-                raise OutputError(
-                    f"{out}: already exists and was not made by this plan; pass --overwrite to replace it"
-                )
-        todo.append(j)
-    if not todo:
-        return list(plan.outputs)
-
-    windows = [plan.windows[j] for j in todo]
-    ref = plan.members[max(m for w in windows for m in w.steps)]
-    groups = schedule.tensor_groups(ref)
-    names = [n for g in groups for n in g]
-    infos = {n: ref.entries[n].info for n in names}
-    newest = {w.steps[-1] for w in windows}
-    # Held to the end, outside the units: configs and tokenizers of the outputs.
-    remotes = [(m, c.remote) for m, c in plan.members.items() if c.remote is not None]
-    reserved = sum(n for m, r in remotes if m in newest for n in r.extras.values())
-    units, budget = schedule.plan_units(windows, plan.members, groups, opts.disk_budget, reserved)
-    out_dtype = DTYPES[opts.dtype] if opts.dtype else None
-
-    def dtype_of(name: str, info: TensorInfo) -> torch.dtype:
-        return out_dtype if out_dtype is not None and engine.is_averaged(name, info) else info.dtype
-
-    layout = [(n, TensorInfo(infos[n].shape, dtype_of(n, infos[n]))) for n in names]
-    created = [p for p in {o.parent for o in plan.outputs} if not p.exists()]
-    writers: list[FolderWriter] = []
-    downloader: schedule.Downloader | None = None
-    extras: list[tuple[Remote, str]] = []  # in use until the outputs are committed
-    t0 = time.perf_counter()
-    try:
-        for m in sorted(newest):  # config and tokenizer of each output's newest member
-            c = plan.members[m]
-            if c.remote is not None:
-                c.extra_files = []
-                for f in sorted(c.remote.extras):
-                    c.extra_files.append(c.remote.download(f)[0])
-                    extras.append((c.remote, f))
-        for j in todo:
-            writers.append(
-                FolderWriter(
-                    plan.outputs[j],
-                    layout,
-                    aliases=ref.aliases,
-                    provenance=records[j],
-                    extra_files=plan.members[plan.windows[j].steps[-1]].extra_files,
-                    config_dtype=opts.dtype,
-                    max_shard_size=opts.max_shard_size if not opts.write_ckpt else 1 << 62,
-                    overwrite=opts.overwrite,
-                )
-            )
-        done = [w.open() for w in writers]
-        if max(done):
-            reporter.log(f"resuming an interrupted run after {min(done)} of {len(names)} tensors")
-        # A unit whose outputs all have its tensors from an interrupted run is skipped, downloads and all.
-        skips = [max(0, min(done[u.lo : u.hi]) - u.offset) for u in units]
-        todo_units = [(u, skip) for u, skip in zip(units, skips, strict=True) if skip < len(u.names)]
-        downloader = schedule.Downloader([u for u, _ in todo_units], plan.members, budget, held=reserved)
-        total = sum(
-            plan.members[m].entries[n].info.nbytes
-            for u, skip in todo_units
-            for m in {m for w in windows[u.lo : u.hi] for m in w.steps}
-            for n in u.names[skip:]
-        )
-        reporter.start(total, len(windows))
-        for i, (unit, skip) in enumerate(todo_units):
-            if len(todo_units) > 1:
-                reporter.log(
-                    f"part {i + 1} of {len(todo_units)}: {len(unit.names)} tensors of outputs "
-                    f"{plan.outputs[todo[unit.lo]].name}..{plan.outputs[todo[unit.hi - 1]].name}, "
-                    f"{len(unit.files)} files ({human_bytes(schedule.files_bytes(plan.members, unit.files))})"
-                )
-            downloader.ready(i)
-            part = writers[unit.lo : unit.hi]
-            _average_unit(plan, unit, skip, windows, part, infos, dtype_of, opts, device, reporter)
-            downloader.release(i)
-        reporter.stop()
-        for j, w in zip(todo, writers, strict=True):
-            if opts.write_ckpt:
-                write_nanogpt_ckpt(w.tmp, iter_num=plan.windows[j].end, meta=ref.meta, aliases=ref.aliases)
-            w.commit()
-            members = plan.windows[j].steps
-            span = f"{len(members)} member{'s' * (len(members) != 1)}"
-            if not plan.by_position:
-                span += f", steps {members[0]}..{members[-1]}"
-            reporter.output_done(
-                str(plan.outputs[j]), f"{plan.method}, {span}", sum(plan.members[m].nbytes for m in members)
-            )
-    except BaseException:
-        reporter.stop()
-        for w in writers:
-            w.abort()
-        for p in created:
-            _remove_if_empty(p)
-        raise
-    finally:
-        if downloader is not None:
-            downloader.close()
-        for remote, f in extras:
-            remote.done_with(f)
-        close_files()
-    reporter.log(f"done in {time.perf_counter() - t0:.1f} s")
+    check_inputs_untouched(plan)
+    states = output_states(plan, opts)
+    todo = decide_outputs(plan, opts, states)
+    for j, state in enumerate(states):
+        if state == "complete" and j not in todo:
+            reporter.log(f"{plan.outputs[j]} is complete (same plan); skipped")
+    if todo:
+        records = [provenance(plan, j, opts) for j in range(len(plan.windows))]
+        runner.execute(plan, todo, records, opts, device, reporter)
     return list(plan.outputs)
-
-
-def _average_unit(
-    plan: Plan,
-    unit: schedule.Unit,
-    skip: int,
-    windows: list[Window],
-    writers: list[FolderWriter],
-    infos: dict[str, TensorInfo],
-    dtype_of: Any,
-    opts: Options,
-    device: torch.device,
-    reporter: Reporter,
-) -> None:
-    """One pass of the engine over a unit's tensors and windows, into those windows' writers."""
-    part = windows[unit.lo : unit.hi]
-    job = engine.Job(
-        windows=part,
-        members=plan.members,
-        names=list(unit.names),
-        infos=infos,
-        reducer=_reducer(plan, part, opts, device),
-        out_dtype=dtype_of,
-        sink=lambda j, name, start, data: writers[j].write(name, start, data),
-        allow_nonfinite=opts.allow_nonfinite,
-        chunk=opts.chunk,
-        skip=skip,
-    )
-
-    def tensor_done(count: int, nbytes: int) -> None:
-        for w in writers:
-            w.tensor_done(unit.offset + count)
-        reporter.advance(nbytes)
-
-    job.on_tensor_done = tensor_done
-    engine.run(job)
-
-
-def _reducer(plan: Plan, windows: list[Window], opts: Options, device: torch.device) -> engine.Reducer:
-    acc = DTYPES[opts.accumulate]
-    if plan.method in ("lawa", "swa"):
-        stride = int(plan.params["k_stepsize" if plan.method == "lawa" else "every"])
-        uniform = engine.UniformReducer(windows, stride, acc, device)
-        # With NaN/Inf let through, a subtracted running sum would carry an Inf into windows that never
-        # held it (inf - inf = nan): sum each window on its own instead, at k additions per checkpoint.
-        if not (opts.allow_nonfinite and uniform.overlapping):
-            return uniform
-    if plan.method == "ema":
-        return engine.EmaReducer(windows, float(plan.params["decay"]), acc, device)
-    return engine.WeightedReducer(windows, acc, device)
 
 
 def _device(name: str) -> torch.device:
@@ -529,13 +416,6 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------- listing
@@ -559,5 +439,4 @@ def list_checkpoints(source: str | Run, *, allow_legacy: bool = False) -> list[d
         rows.append(
             {"step": s, "format": fmt + (f" ({n_files} shards)" if n_files > 1 else ""), "bytes": size, "path": label}
         )
-    close_files()
     return rows

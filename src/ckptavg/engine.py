@@ -6,29 +6,36 @@ window ends at that step. So every input byte is read once per run however much 
 memory holds a few chunks rather than a model, and a chunk small enough for the CPU cache makes the
 arithmetic several times faster than the same additions done on whole tensors.
 
-Reducers keep running state instead of re-adding a checkpoint once per window it belongs to:
-- uniform means (LAWA, SWA): a running sum per residue class (step mod nu); a window's sum is the running
-  sum at its end minus a snapshot taken just before its first member. Sums that get subtracted are kept
-  in float64, where the sum of fp16/bf16 values is exact, so the difference is exact too; windows that
-  never overlap just reset the sum and accumulate in the requested dtype (float32 by default).
-- EMA: ema = decay*ema + (1-decay)*x, emitted at window ends.
+Every output's bits are a function of its window and the plan alone, never of which other windows
+share the run (a task of a SLURM array, a resumed run and a Hub run's parts all make a subset), so the
+same command gives the same bits however it was cut. ``choose_reducer`` decides per plan:
+- uniform means (LAWA, SWA) of fp16 tensors when the plan's windows overlap: a float64 running sum per
+  residue class (step mod nu); a window's sum is the running sum at its end minus a snapshot taken just
+  before its first member. Any sum of up to 8192 fp16 values is exact in float64 (every fp16 value is a
+  multiple of 2**-24 below 2**16), so the difference is the window's exact sum wherever the running sum
+  started: one addition per checkpoint, whatever k is.
+- other uniform means: each group of windows that share their first member (one LAWA window; all of
+  SWA's) is summed from that member in step order, in float64 when windows overlap and in
+  ``--accumulate`` otherwise. bf16 and fp32 sums are not exact in float64, so a difference of running
+  sums would depend on where the run started; a sum from the window's own first member does not.
+- EMA: ema = decay*ema + (1-decay)*x from the sequence's first member, emitted at window ends.
 - explicit weights (``avg``): acc += w*x.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import queue
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from ckptavg.errors import NonFiniteError
-from ckptavg.sources import Checkpoint, TensorInfo
+from ckptavg.pipeline import Read, Reads, Writes
+from ckptavg.sources import Checkpoint, FileTable, TensorEntry, TensorInfo
+from ckptavg.sources.checkpoint import read_slice
 from ckptavg.windows import Window
 
 # Names of constant buffers that transformers (and nanoGPT) keep in state dicts: copied from the newest
@@ -45,6 +52,8 @@ BUFFER_SUFFIXES = (
 # must stay in the CPU cache: with 8 MB float64 chunks they spilled out of a 32 MB L3, and the
 # 16-window pythia-160m trajectory took 23 s instead of 15 s.
 CHUNK_BYTES = 2 << 20
+
+EXACT_FP16_TERMS = 8192  # fp16 sums of at most this many values are exact in float64 (2**13 * 2**40 = 2**53)
 
 
 def is_averaged(name: str, info: TensorInfo) -> bool:
@@ -128,31 +137,17 @@ class Reducer:
         raise NotImplementedError
 
 
-class UniformReducer(Reducer):
-    """Uniform means over members ``stride`` steps apart (LAWA with nu = stride; SWA with every = stride)."""
+class RunningSumReducer(Reducer):
+    """Uniform means of fp16 members ``stride`` steps apart (LAWA with nu = stride; SWA with every =
+    stride) from exact float64 running sums: one addition per member, whatever the overlap."""
 
-    def __init__(self, windows: Sequence[Window], stride: int, accumulate: torch.dtype, device: torch.device):
-        super().__init__(windows, accumulate, device)
+    def __init__(self, windows: Sequence[Window], stride: int, device: torch.device):
+        super().__init__(windows, torch.float64, device)
         self.stride = stride
         self.starts: dict[int, list[int]] = {}
         for j, w in enumerate(windows):
             self.starts.setdefault(w.steps[0], []).append(j)
-        # A window that opens while another of its class is open needs a snapshot to subtract: float64.
-        self.overlapping = self._simulate()
-        if self.overlapping:
-            self.dtype = torch.float64
         self.sums: dict[int, torch.Tensor | None] = {}
-
-    def _simulate(self) -> bool:
-        open_count: dict[int, int] = {}
-        for step in sorted(set(self.starts) | set(self.ends)):
-            r = step % self.stride
-            for _ in self.starts.get(step, ()):
-                if open_count.get(r, 0):
-                    return True
-                open_count[r] = open_count.get(r, 0) + 1
-            open_count[r] = open_count.get(r, 0) - len(self.ends.get(step, ()))
-        return False
 
     def begin(self, n: int) -> None:
         super().begin(n)
@@ -181,8 +176,7 @@ class UniformReducer(Reducer):
                 self.snapshots[j] = self.sums[r]  # the running sum is never modified in place while shared
             self.open[r] = self.open.get(r, 0) + 1
         total = self.sums.get(r)
-        mixed_ok = self.dtype != torch.float64  # fp32 += fp16/bf16 in one pass is fast; float64 is not
-        xs = x.to(self.buffers.device, non_blocking=True) if mixed_ok else self.buffers.convert(x, self.dtype)
+        xs = self.buffers.convert(x, self.dtype)
         if total is None:
             self.sums[r] = self.buffers.take(self.dtype).copy_(xs)
         elif self._shared(total):
@@ -203,6 +197,95 @@ class UniformReducer(Reducer):
             out.append(self._emit(j, mean))
             self.open[r] -= 1
         return out
+
+
+class GroupSumReducer(Reducer):
+    """Uniform means, each summed from its window's first member in step order. Windows that share their
+    first member (SWA's all do) are prefixes of one sequence and share one sum: SWA costs one addition
+    per member; overlapping LAWA windows cost one per window a member is in."""
+
+    def __init__(self, windows: Sequence[Window], accumulate: torch.dtype, device: torch.device):
+        super().__init__(windows, accumulate, device)
+        self.groups: list[tuple[int, ...]] = []  # the member sequence each sum runs over
+        self.group_of: list[int] = []
+        for w in windows:
+            g = next((i for i, seq in enumerate(self.groups) if _prefix(w.steps, seq) or _prefix(seq, w.steps)), None)
+            if g is None:
+                self.groups.append(w.steps)
+                g = len(self.groups) - 1
+            elif len(w.steps) > len(self.groups[g]):
+                self.groups[g] = w.steps
+            self.group_of.append(g)
+        self.in_groups: dict[int, list[int]] = {}
+        for g, seq in enumerate(self.groups):
+            for m in seq:
+                self.in_groups.setdefault(m, []).append(g)
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def begin(self, n: int) -> None:
+        for t in self.sums.values():
+            self.buffers.give(t)
+        super().begin(n)
+        self.sums = {}
+
+    def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        self._recycle()
+        mixed_ok = self.dtype != torch.float64  # fp32 += fp16/bf16 in one pass is fast; float64 is not
+        xs = x.to(self.buffers.device, non_blocking=True) if mixed_ok else self.buffers.convert(x, self.dtype)
+        for g in self.in_groups.get(member, ()):
+            if member == self.groups[g][0]:
+                self.buffers.give(self.sums.pop(g, None))
+                self.sums[g] = self.buffers.take(self.dtype).copy_(xs)
+            else:
+                self.sums[g].add_(xs)
+        out = []
+        for j in self.ends.get(member, ()):
+            g = self.group_of[j]
+            mean = torch.div(self.sums[g], len(self.windows[j].steps), out=self.buffers.take(self.dtype))
+            out.append(self._emit(j, mean))
+            if member == self.groups[g][-1]:
+                self.buffers.give(self.sums.pop(g))
+        return out
+
+
+def _prefix(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) <= len(b) and b[: len(a)] == a
+
+
+def windows_overlap(windows: Sequence[Window]) -> bool:
+    """Whether any checkpoint is a member of two windows."""
+    seen: set[int] = set()
+    for w in windows:
+        if seen & set(w.steps):
+            return True
+        seen |= set(w.steps)
+    return False
+
+
+def choose_reducer(
+    method: str,
+    windows: Sequence[Window],
+    dtype: torch.dtype,
+    *,
+    overlapping: bool,
+    members: int,
+    stride: int,
+    decay: float,
+    accumulate: torch.dtype,
+    allow_nonfinite: bool,
+    device: torch.device,
+) -> Reducer:
+    """The reducer for tensors of ``dtype``: decided from the whole plan (``overlapping``, ``members``:
+    how many checkpoints it has), never from the windows a run happens to make (``windows``)."""
+    if method == "ema":
+        return EmaReducer(windows, decay, accumulate, device)
+    if method == "avg":
+        return WeightedReducer(windows, accumulate, device)
+    if overlapping and dtype == torch.float16 and not allow_nonfinite and members <= EXACT_FP16_TERMS:
+        # With NaN/Inf let through, an Inf in a shared running sum would leak into windows that never held
+        # it (inf - inf = nan): those plans sum each group on its own.
+        return RunningSumReducer(windows, stride, device)
+    return GroupSumReducer(windows, torch.float64 if overlapping else accumulate, device)
 
 
 class EmaReducer(Reducer):
@@ -268,88 +351,109 @@ class Job:
     members: dict[int, Checkpoint]  # window member id (a step, or a position for avg) -> checkpoint
     names: list[str]  # tensor order of the outputs
     infos: dict[str, TensorInfo]
-    reducer: Reducer
+    reducer_for: Callable[[torch.dtype], Reducer]  # one reducer per input dtype, decided by the plan
     out_dtype: Callable[[str, TensorInfo], torch.dtype]
     sink: Sink
+    files: FileTable
+    local: dict[int, dict[str, TensorEntry]] = field(default_factory=dict)  # downloaded Hub files' entries
     allow_nonfinite: bool = False
     chunk: int | None = None  # elements per chunk; default: CHUNK_BYTES of accumulator
     skip: int = 0  # tensors (in ``names`` order) already written by an earlier, killed run
     on_tensor_done: Callable[[int, int], None] | None = None  # (tensors done so far, bytes read)
 
+    def entry(self, member: int, name: str) -> TensorEntry:
+        local = self.local.get(member)
+        return local[name] if local and name in local else self.members[member].entries[name]
 
-def run(job: Job) -> int:
-    """Stream every tensor through the reducer into the sink; returns the number of bytes read.
+    def read(self, r: Read, buf: torch.Tensor) -> torch.Tensor:
+        where = self.members[r.member].label
+        return read_slice(self.files, self.entry(r.member, r.name), r.start, r.stop, buf, name=r.name, where=where)
 
-    The arithmetic runs on all cores but one, which is left to the reader thread: on two cores, torch's
-    OpenMP threads competing with the reader (or any other process) for the second core made the same
-    additions three times slower than one thread alone.
-    """
+    def chunk_of(self, info: TensorInfo) -> int:
+        return self.chunk or CHUNK_BYTES // self.reducer_for(info.dtype).dtype.itemsize
+
+
+@contextlib.contextmanager
+def compute_threads() -> Iterator[None]:
+    """torch's intra-op threads for the run: all cores but one, which is left to the reader thread. On
+    two cores, torch's OpenMP threads competing with the reader (or any other process) for the second
+    core made the same additions three times slower than one thread alone. Restored on the way out."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     try:
-        return _run(job)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(job: Job) -> int:
-    chunk = job.chunk or CHUNK_BYTES // job.reducer.dtype.itemsize
+def run(job: Job) -> int:
+    """Stream every tensor through the reducers into the sink; returns the number of bytes read."""
     order = sorted({m for w in job.windows for m in w.steps})
-    schedule: list[tuple[Checkpoint, str, int, int]] = []
-    for name in job.names[job.skip :]:
-        info = job.infos[name]
-        if not is_averaged(name, info):
-            continue
-        for start in range(0, max(info.numel, 1), chunk):
-            stop = min(start + chunk, info.numel)
-            schedule.extend((job.members[m], name, start, stop) for m in order)
-    itemsize = max((i.dtype.itemsize for i in job.infos.values()), default=1)
-    reads = _Prefetch(schedule, chunk * itemsize)
-    writes = _WriteBehind(job.sink, chunk * max(itemsize, 8))
+    todo = [(i, n) for i, n in enumerate(job.names) if i >= job.skip]
+    averaged = [n for _, n in todo if is_averaged(n, job.infos[n])]
+    schedule = [
+        Read(m, name, start, min(start + chunk, info.numel))
+        for name in averaged
+        for info, chunk in [(job.infos[name], job.chunk_of(job.infos[name]))]
+        for start in range(0, max(info.numel, 1), chunk)
+        for m in order
+    ]
+    sizes = [(job.chunk_of(job.infos[n]), job.infos[n].dtype.itemsize) for n in averaged] or [(1, 1)]
+    read_bytes = max(c * size for c, size in sizes)
+    slot_bytes = max(c * 8 for c, _ in sizes)
+    copy_chunk = job.chunk or CHUNK_BYTES // 4
+    slot_bytes = max(slot_bytes, copy_chunk * max((i.dtype.itemsize for i in job.infos.values()), default=1))
     total = 0
-    try:
-        for index, name in enumerate(job.names):
-            if index < job.skip:
-                continue
+    with contextlib.ExitStack() as stack:
+        reads = Reads(schedule, job.read, read_bytes)
+        stack.callback(reads.close)
+        writes = Writes(job.sink, slot_bytes)
+        stack.callback(writes.close)
+        for index, name in todo:
             info = job.infos[name]
-            done = 0
             if not is_averaged(name, info):
-                done = _copy_newest(job, name, info, writes, chunk)
+                done = _copy_newest(job, name, info, writes, copy_chunk)
             else:
-                dtype = job.out_dtype(name, info)
-                for start in range(0, max(info.numel, 1), chunk):
-                    stop = min(start + chunk, info.numel)
-                    job.reducer.begin(stop - start)
-                    for m in order:
-                        x = next(reads)
-                        done += x.numel() * x.element_size()
-                        for j, mean in job.reducer.feed(m, x):
-                            slot, out = writes.buffer(dtype, mean.numel())
-                            out.copy_(mean)
-                            if not job.allow_nonfinite and not _finite(mean, out):
-                                _blame_nonfinite(job, j, name, start, stop)
-                            writes.submit(slot, j, name, start, out)
+                done = _average(job, name, info, order, reads, writes)
             total += done
             if job.on_tensor_done:
-                writes.call(functools.partial(job.on_tensor_done, index + 1, done))
-        writes.close()
-    finally:
-        reads.close()
-        writes.close(discard=True)
+                writes.mark(functools.partial(job.on_tensor_done, index + 1, done))
+        writes.finish()
     return total
 
 
-def _copy_newest(job: Job, name: str, info: TensorInfo, writes: _WriteBehind, chunk: int) -> int:
+def _average(job: Job, name: str, info: TensorInfo, order: list[int], reads: Reads, writes: Writes) -> int:
+    reducer = job.reducer_for(info.dtype)
+    chunk = job.chunk_of(info)
+    dtype = job.out_dtype(name, info)
+    done = 0
+    for start in range(0, max(info.numel, 1), chunk):
+        stop = min(start + chunk, info.numel)
+        reducer.begin(stop - start)
+        for m in order:
+            got = reads.take(Read(m, name, start, stop))
+            done += got.data.numel() * got.data.element_size()
+            finished = reducer.feed(m, got.data)
+            reads.recycle(got)  # feed has copied or added it: the buffer is free again
+            for j, mean in finished:
+                slot, out = writes.buffer(dtype, mean.numel())
+                out.copy_(mean)
+                if not job.allow_nonfinite and not _finite(mean, out):
+                    _blame_nonfinite(job, j, name, start, stop)
+                writes.put(slot, j, name, start, out)
+    return done
+
+
+def _copy_newest(job: Job, name: str, info: TensorInfo, writes: Writes, chunk: int) -> int:
     buf = torch.empty(chunk * info.dtype.itemsize, dtype=torch.uint8)
     read = 0
     for j, w in enumerate(job.windows):
-        newest = job.members[w.steps[-1]]
         for start in range(0, max(info.numel, 1), chunk):
             stop = min(start + chunk, info.numel)
-            x = newest.read(name, start, stop, buf)
+            x = job.read(Read(w.steps[-1], name, start, stop), buf)
             read += x.numel() * x.element_size()
             slot, out = writes.buffer(info.dtype, x.numel())
-            writes.submit(slot, j, name, start, out.copy_(x))
+            writes.put(slot, j, name, start, out.copy_(x))
     return read
 
 
@@ -363,7 +467,7 @@ def _blame_nonfinite(job: Job, j: int, name: str, start: int, stop: int) -> None
     buf = torch.empty((stop - start) * job.infos[name].dtype.itemsize, dtype=torch.uint8)
     for m in job.windows[j].steps:
         ckpt = job.members[m]
-        if not bool(torch.isfinite(ckpt.read(name, start, stop, buf)).all()):
+        if not bool(torch.isfinite(job.read(Read(m, name, start, stop), buf)).all()):
             raise NonFiniteError(
                 f"tensor '{name}' holds NaN or Inf at step {ckpt.step} ({ckpt.label}); "
                 "pass --allow-nonfinite to average it anyway"
@@ -372,135 +476,3 @@ def _blame_nonfinite(job: Job, j: int, name: str, start: int, stop: int) -> None
         f"the average of tensor '{name}' for step {job.windows[j].end} overflows to Inf; "
         "pass --dtype float32 or --allow-nonfinite"
     )
-
-
-_DONE = object()
-
-
-class _WriteBehind:
-    """Hands finished chunks to the sink on a thread, so that writing (which blocks once the kernel's
-    dirty-page limit is reached) overlaps the arithmetic. Chunks live in a ring of slots; a slot is free
-    again once written. Callables queued with ``call`` run after every chunk submitted before them
-    (progress records must not claim a tensor before its bytes are written)."""
-
-    def __init__(self, sink: Sink, slot_bytes: int, depth: int = 8):
-        self.sink = sink
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8) for _ in range(depth)]
-        self.free: queue.Queue[int] = queue.Queue()
-        for i in range(depth):
-            self.free.put(i)
-        self.jobs: queue.Queue[object] = queue.Queue()
-        self.error: BaseException | None = None
-        self.closed = False
-        self.abandoned = False
-        self.thread = threading.Thread(target=self._loop, name="ckptavg-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.abandoned:
-            try:
-                item = self.jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            try:
-                if self.error is None:
-                    if callable(item):
-                        item()
-                    else:
-                        _, j, name, start, data = cast(tuple[int, int, str, int, torch.Tensor], item)
-                        self.sink(j, name, start, data)
-            except BaseException as e:  # raised again in the main thread; keep draining so it never blocks
-                self.error = e
-            if not callable(item):
-                self.free.put(item[0])  # type: ignore[index]
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def buffer(self, dtype: torch.dtype, n: int) -> tuple[int, torch.Tensor]:
-        while True:
-            self._check()
-            try:
-                slot = self.free.get(timeout=0.1)
-                break
-            except queue.Empty:
-                continue
-        return slot, self.slots[slot][: n * dtype.itemsize].view(dtype)
-
-    def submit(self, slot: int, j: int, name: str, start: int, data: torch.Tensor) -> None:
-        self.jobs.put((slot, j, name, start, data))
-
-    def call(self, fn: Callable[[], None]) -> None:
-        self.jobs.put(fn)
-
-    def close(self, discard: bool = False) -> None:
-        """Wait for every queued write; with ``discard`` (on the way out of an error), just stop."""
-        if self.closed:
-            return
-        if discard:
-            # No queue operation here: a Ctrl-C that lands inside put() or get() in this thread can leave
-            # the queue's lock taken for good, and taking it again would hang the way out. Flags only.
-            self.error = self.error or _Discarded()
-            self.abandoned = True
-            self.thread.join(timeout=1)
-            self.closed = True
-            return
-        if self.thread.is_alive():
-            self.jobs.put(None)
-            self.thread.join()
-        self.closed = True
-        self._check()
-
-
-class _Discarded(Exception):
-    """Set as the writer's error when a run is abandoned, so queued writes are skipped."""
-
-
-class _Prefetch:
-    """Read the schedule ahead on a thread (``pread`` releases the GIL) while the caller computes.
-
-    Buffers are recycled in a ring two longer than the queue, so the reader never overwrites the chunk
-    the consumer holds.
-    """
-
-    def __init__(self, schedule: list[tuple[Checkpoint, str, int, int]], buf_bytes: int, depth: int = 6):
-        self.ring = [torch.empty(buf_bytes, dtype=torch.uint8) for _ in range(depth + 2)]
-        self.queue: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.schedule = schedule
-        self.thread = threading.Thread(target=self._produce, name="ckptavg-reader", daemon=True)
-        self.thread.start()
-
-    def _put(self, item: object) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for i, (ckpt, name, start, end) in enumerate(self.schedule):
-                if not self._put(ckpt.read(name, start, end, self.ring[i % len(self.ring)])):
-                    return
-        except BaseException as e:  # handed to the consumer, which raises it in the main thread
-            self._put(e)
-            return
-        self._put(_DONE)
-
-    def __next__(self) -> torch.Tensor:
-        item = self.queue.get()
-        if item is _DONE:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item  # type: ignore[return-value]
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=1)  # a reader blocked on a queue lock a Ctrl-C left taken: do not wait

@@ -8,23 +8,23 @@ files, averages those tensors into its outputs and deletes what the next unit do
 disk holds k shards, not k checkpoints, and a file shared by neighbouring windows is downloaded once.
 The outputs stay open across units (their writers take tensors in any order).
 
-A thread downloads the next unit's files while the current one is averaged, up to four files at a
+``Downloads`` fetches the next unit's files while the current one is averaged, up to four files at a
 time (a CDN serves each connection at a limited rate), inside the same budget: a larger budget buys
-overlap, the smallest one still works. Local runs are a single unit. (Logs and
-the README call units "parts".)
+overlap, the smallest one still works. Local runs are a single unit. (Logs and the README call units
+"parts".)
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptavg.errors import InvalidArgumentError
+from ckptavg.pipeline import ByteBudget, Workers
 from ckptavg.progress import human_bytes
-from ckptavg.sources import Checkpoint, close_files
+from ckptavg.sources import Checkpoint, FileTable, TensorEntry
 from ckptavg.windows import Window
 
 FileKey = tuple[int, str]  # (member id, weight file of that member)
@@ -105,152 +105,104 @@ def _size(members: dict[int, Checkpoint], key: FileKey) -> int:
     return remote.sizes[key[1]]
 
 
-class Downloader:
-    """Fetches each unit's files, ``workers`` at a time, at most one unit ahead of the averaging and never
-    past the budget: ``ready`` waits for a unit's files, ``release`` lets go of those the next unit does
-    not need.
+class Downloads:
+    """The download stage: each unit's files, ``workers`` at a time, at most one unit ahead of the
+    averaging and never past the budget. ``ready(u)`` waits for unit ``u``'s files and returns where
+    their tensors are; ``release(u)`` lets go of those the next unit does not use.
 
-    The budget counts what this run brought into the cache and still holds (reserved up front for a
-    download in flight). The remote decides what is deleted: files that were cached before the run are
-    the user's, used and never deleted.
+    The budget (a ``ByteBudget``, granted in the order files were asked for) counts what this run
+    brought into the cache and still holds. The remote decides what is deleted: files that were cached
+    before the run are the user's, used and never deleted.
     """
 
     def __init__(
-        self, units: list[Unit], members: dict[int, Checkpoint], budget: int, held: int = 0, workers: int = 4
+        self, units: list[Unit], members: dict[int, Checkpoint], budget: ByteBudget, files: FileTable, workers: int = 4
     ) -> None:
         self.units = units
         self.members = members
         self.budget = budget
-        self.workers = workers  # downloads at once
-        self.streams = 0
-        self.threads: list[threading.Thread] = []
-        self.cond = threading.Condition()
+        self.files = files
+        self.pool: Workers[FileKey] = Workers(workers, "ckptavg-download")
+        self.results = self.pool.results()
+        self.asked: set[FileKey] = set()
         self.local: dict[FileKey, tuple[Path, bool]] = {}  # path, and whether it counts against the budget
-        self.attached: set[FileKey] = set()
-        self.held = held
-        self.peak = held
-        self.fetched = 0  # units whose files are all here
-        self.released = 0  # units done with
-        self.error: BaseException | None = None
+        self.lock = threading.Lock()  # closing, and a late download letting go of its file, exclude each other
         self.closed = False
-        self.thread = threading.Thread(target=self._run, name="ckptavg-downloader", daemon=True)
-        self.thread.start()
 
-    def _run(self) -> None:
-        try:
-            for u, unit in enumerate(self.units):
-                with self.cond:
-                    self.cond.wait_for(lambda u=u: self.closed or self.released >= u - 1)  # type: ignore[misc]
-                streams: list[threading.Thread] = []
-                errors: list[BaseException] = []
-                for key in sorted(unit.files):
-                    need = _size(self.members, key)
-                    with self.cond:
-                        if errors:  # one download failed: start no more, report it
-                            break
-                        if key in self.local:  # kept from the unit before
-                            continue
-                        self.cond.wait_for(  # a free stream, and room in the budget
-                            lambda need=need: (
-                                self.closed  # type: ignore[misc]
-                                or (self.streams < self.workers and self.held + need <= self.budget)
-                            )
-                        )
-                        if self.closed:
-                            return
-                        self.held += need
-                        self.peak = max(self.peak, self.held)
-                        self.streams += 1
-                        # Started under the lock, so that close() either sees it or stops us first.
-                        t = threading.Thread(target=self._fetch, args=(key, need, errors), daemon=True)
-                        t.start()
-                        streams.append(t)
-                        self.threads = [*(x for x in self.threads if x.is_alive()), t]
-                for t in streams:
-                    t.join()
-                if errors:
-                    raise errors[0]
-                with self.cond:
-                    self.fetched = u + 1
-                    self.cond.notify_all()
-        except BaseException as e:  # raised again by ready() in the main thread
-            with self.cond:
-                self.error = e
-                self.cond.notify_all()
+    def _ask(self, u: int) -> None:
+        for key in sorted(self.units[u].files - self.asked):
+            self.asked.add(key)
+            ticket = self.budget.ticket()
+            self.pool.submit(key, lambda key=key, ticket=ticket: self._fetch(key, ticket))  # type: ignore[misc]
 
-    def _fetch(self, key: FileKey, need: int, errors: list[BaseException]) -> None:
-        """One download, on a thread of its own: a CDN serves each connection at a limited rate."""
+    def _fetch(self, key: FileKey, ticket: int) -> tuple[Path, bool] | None:
+        """One download, on a worker thread; None when the run ended first."""
+        need = _size(self.members, key)
+        if not self.budget.take(ticket, need):
+            return None
         remote = self.members[key[0]].remote
         assert remote is not None
         try:
             path, fetched = remote.download(key[1])
-        except BaseException as e:
-            with self.cond:
-                self.held -= need
-                self.streams -= 1
-                errors.append(e)
-                self.cond.notify_all()
-            return
-        with self.cond:
-            late = self.closed  # the run ended while this download went on: let go of it here
-            if not late:
-                self.local[key] = (path, fetched)
-            if not fetched or late:  # in the cache already (not ours to count), or let go of
-                self.held -= need
-            self.streams -= 1
-            self.cond.notify_all()
-        if late:
-            close_files(path)
-            remote.done_with(key[1])
+        except BaseException:
+            self.budget.give(need)
+            raise
+        if not fetched:  # in the cache already: not ours to count
+            self.budget.give(need)
+        with self.lock:
+            if not self.closed:
+                return path, fetched
+        remote.done_with(key[1])  # the run ended while this download went on: let go of it here
+        if fetched:
+            self.budget.give(need)
+        return None
 
-    def ready(self, u: int) -> None:
-        """Wait until unit ``u``'s files are here, and point its members' entries at them."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.error is not None or self.fetched > u)
-            if self.error is not None:
-                raise self.error
-        for key in sorted(self.units[u].files - self.attached):
-            ckpt = self.members[key[0]]
-            assert ckpt.remote is not None
-            ckpt.remote.attach(ckpt, key[1], self.local[key][0])
-            self.attached.add(key)
+    def ready(self, u: int) -> dict[int, dict[str, TensorEntry]]:
+        """Wait until unit ``u``'s files are here (asking for the next unit's too); where their tensors are."""
+        self._ask(u)
+        if u + 1 < len(self.units):
+            self._ask(u + 1)
+        while not self.units[u].files <= self.local.keys():
+            key, result, error = next(self.results)
+            if error is not None:
+                raise error
+            if result is not None:
+                self.local[key] = result  # type: ignore[assignment]
+        entries: dict[int, dict[str, TensorEntry]] = {}
+        for key in sorted(self.units[u].files):
+            remote = self.members[key[0]].remote
+            assert remote is not None
+            entries.setdefault(key[0], {}).update(remote.local_entries(key[1], self.local[key][0]))
+        return entries
 
     def release(self, u: int) -> None:
         """Unit ``u`` is averaged: let go of its files that the next unit does not use."""
         later = self.units[u + 1].files if u + 1 < len(self.units) else frozenset()
         for key in sorted(self.units[u].files - later):
-            self._drop(key)
-        with self.cond:
-            self.released = u + 1
-            self.cond.notify_all()
+            if key in self.local:
+                self._drop(key, keep=False)
 
-    def _drop(self, key: FileKey) -> None:
-        with self.cond:
-            path, fetched = self.local.pop(key)
-        ckpt = self.members[key[0]]
-        assert ckpt.remote is not None
-        if key in self.attached:
-            ckpt.remote.detach(ckpt, key[1])
-            self.attached.discard(key)
-        close_files(path)
-        ckpt.remote.done_with(key[1])
+    def _drop(self, key: FileKey, *, keep: bool) -> None:
+        path, fetched = self.local.pop(key)
+        remote = self.members[key[0]].remote
+        assert remote is not None
+        self.files.close(path)
+        remote.done_with(key[1], keep=keep)
         if fetched:
-            with self.cond:
-                self.held -= _size(self.members, key)
-                self.cond.notify_all()
+            self.budget.give(_size(self.members, key))
 
-    def close(self) -> None:
-        """Stop, and let go of every file this run still holds (also after an error, so that complete
-        downloads never pile up outside the budget). A download cut short stays as a
-        ``.incomplete`` file, which the next run continues."""
-        with self.cond:
+    def close(self, *, keep: bool = False) -> None:
+        """Stop, and let go of every file this run still holds: deleted (so that complete downloads never
+        pile up outside the budget) unless ``keep``, which a run failing on a transient fault asks for so
+        that the next run does not download them again. A download cut short stays as a partial file,
+        which the next run continues."""
+        with self.lock:
             self.closed = True
-            self.cond.notify_all()
-            threads = [self.thread, *self.threads]
-        # A download in flight cannot be cut short: wait a moment, then leave it to let go of its file
-        # itself when it ends (or to die with the process, leaving a partial file to continue).
-        deadline = time.monotonic() + 1
-        for t in threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+            while not self.pool.done.empty():  # finished before we closed: ours to let go of
+                key, result, _ = self.pool.done.get()
+                if result is not None:
+                    self.local[key] = result  # type: ignore[assignment]
+        self.budget.close()
+        self.pool.close(wait=False)
         for key in list(self.local):
-            self._drop(key)
+            self._drop(key, keep=keep)

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ckptavg.errors import CheckpointFormatError, CkptavgError, StepNotFoundError
-from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo, close_files
+from ckptavg.sources.checkpoint import Checkpoint, FileTable, TensorEntry, TensorInfo
 from ckptavg.sources.hf_folder import find_weights, open_hf_checkpoint
 from ckptavg.sources.nanogpt import open_nanogpt_checkpoint
 
 __all__ = [
     "Checkpoint",
+    "FileTable",
     "Run",
     "TensorEntry",
     "TensorInfo",
-    "close_files",
     "open_checkpoint",
     "open_hub_run",
     "open_run",

@@ -51,7 +51,9 @@ class Remote(Protocol):
     """Where a checkpoint's weight files come from when they are not on disk yet (a Hub revision).
 
     Tensor entries of such a checkpoint are known from the files' headers, read by HTTP range; their
-    ``path`` is the remote file name and they cannot be read until ``attach`` points them at a download.
+    ``path`` is the remote file name and they cannot be read until the file is downloaded, when
+    ``local_entries`` tells where each tensor's bytes are in the local copy. Nothing edits the
+    checkpoint's own entries: a run keeps the local ones beside them while the file is on disk.
     """
 
     sizes: dict[str, int]  # weight file -> bytes, as the server lists it
@@ -63,16 +65,13 @@ class Remote(Protocol):
         there (what a disk budget counts)."""
         ...
 
-    def done_with(self, filename: str) -> None:
-        """The run no longer needs the file: the remote deletes it if it brought it in."""
+    def done_with(self, filename: str, *, keep: bool = False) -> None:
+        """The run no longer needs the file: the remote deletes it if it brought it in, unless ``keep``
+        (a run that failed on a transient fault keeps its downloads for the next run)."""
         ...
 
-    def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:
-        """Point the entries of ``filename`` at the downloaded copy ``local`` (checked against the plan)."""
-        ...
-
-    def detach(self, ckpt: Checkpoint, filename: str) -> None:
-        """Back to unreadable entries once the local copy is deleted."""
+    def local_entries(self, filename: str, local: Path) -> dict[str, TensorEntry]:
+        """Where the tensors of ``filename`` are in its downloaded copy ``local`` (checked against the plan)."""
         ...
 
 
@@ -100,48 +99,55 @@ class Checkpoint:
             return set()
         return {self.remote.file_of[n] for n in names}
 
-    def read(self, name: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
+    def read(self, files: FileTable, name: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
         """Elements [start, stop) of tensor ``name`` (flattened), read into the uint8 buffer ``buf``."""
-        entry = self.entries[name]
-        dtype = entry.info.dtype
-        if entry.tensor is not None:
-            return entry.tensor.reshape(-1)[start:stop]
-        if entry.offset < 0:
-            raise RuntimeError(f"{self.label}: tensor '{name}' is read before its file was downloaded")
-        size = dtype.itemsize
-        nbytes = (stop - start) * size
-        view = buf[:nbytes]
-        offset = entry.offset + start * size
-        got = _FILES.pread_into(entry.path, view, offset)
-        if got != nbytes:
-            raise CheckpointFormatError(
-                f"{entry.path}: file ends inside tensor '{name}' (wanted {nbytes} bytes at offset {offset}, "
-                f"got {got}); the file is truncated"
-            )
-        return view.view(dtype)
+        return read_slice(files, self.entries[name], start, stop, buf, name=name, where=self.label)
 
 
-class _OpenFiles:
-    """File descriptors shared by the reader threads; ``pread`` needs no seek, so one fd serves all."""
+def read_slice(
+    files: FileTable, entry: TensorEntry, start: int, stop: int, buf: torch.Tensor, *, name: str, where: str
+) -> torch.Tensor:
+    """Elements [start, stop) of the tensor at ``entry`` (flattened), read into the uint8 buffer ``buf``."""
+    dtype = entry.info.dtype
+    if entry.tensor is not None:
+        return entry.tensor.reshape(-1)[start:stop]
+    if entry.offset < 0:
+        raise RuntimeError(f"{where}: tensor '{name}' is read before its file was downloaded")
+    size = dtype.itemsize
+    nbytes = (stop - start) * size
+    view = buf[:nbytes]
+    offset = entry.offset + start * size
+    got = files.pread_into(entry.path, view, offset)
+    if got != nbytes:
+        raise CheckpointFormatError(
+            f"{entry.path}: file ends inside tensor '{name}' (wanted {nbytes} bytes at offset {offset}, "
+            f"got {got}); the file is truncated"
+        )
+    return view.view(dtype)
+
+
+class FileTable:
+    """The file descriptors one run reads through; ``pread`` needs no seek, so one fd serves all threads.
+
+    Owned by the run and closed when it ends (a library caller inherits nothing). A deleted file's space
+    comes back only when its last descriptor closes: evicting a download must ``close`` it first, or the
+    disk budget would count space that is still taken.
+    """
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
-        # Reentrant: a Ctrl-C landing inside ``with self._lock`` in the main thread can leave it taken,
-        # and the way out (close_files) takes it again in that same thread.
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
 
     def fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(path)
-                if fd is None:
-                    try:
-                        fd = os.open(path, os.O_RDONLY)
-                    except OSError as e:
-                        raise CheckpointFormatError(f"{path}: cannot open ({e.strerror})") from e
-                    self._fds[path] = fd
-        return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointFormatError(f"{path}: cannot open ({e.strerror})") from e
+                self._fds[path] = fd
+            return fd
 
     def pread_into(self, path: Path, view: torch.Tensor, offset: int) -> int:
         mv = memoryview(view.numpy()).cast("B")  # type: ignore[arg-type]
@@ -157,26 +163,17 @@ class _OpenFiles:
     def close(self, path: Path) -> None:
         with self._lock:
             fd = self._fds.pop(path, None)
-            if fd is not None:
-                os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
     def close_all(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
+    def __enter__(self) -> FileTable:
+        return self
 
-_FILES = _OpenFiles()
-
-
-def close_files(path: Path | None = None) -> None:
-    """Release the file descriptors the readers opened: of ``path``, or all of them (when a run ends).
-
-    A deleted file's space comes back only when its last descriptor closes: evicting a download must
-    close it first, or the disk budget would count space that is still taken.
-    """
-    if path is None:
-        _FILES.close_all()
-    else:
-        _FILES.close(path)
+    def __exit__(self, *exc: object) -> None:
+        self.close_all()

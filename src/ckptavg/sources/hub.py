@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from ckptavg.errors import CheckpointFormatError, CkptavgError
-from ckptavg.sources.checkpoint import Checkpoint, TensorEntry
+from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo
 from ckptavg.sources.hf_folder import WEIGHT_FILES, open_weight_file
 from ckptavg.sources.http_range import RangeReader
 from ckptavg.sources.safetensors_file import read_safetensors_header
@@ -228,8 +228,9 @@ class HubSource:
         self._held.setdefault((commit, filename), []).append(fd)
         return link, fetched
 
-    def done_with(self, step: int, filename: str) -> None:
-        """Release a file from ``use``; delete it if ckptavg downloaded it and no other process uses it."""
+    def done_with(self, step: int, filename: str, *, keep: bool = False) -> None:
+        """Release a file from ``use``; delete it if ckptavg downloaded it and no other process uses it,
+        unless ``keep`` (a run that failed on a transient fault keeps its downloads for the next run)."""
         import fcntl
 
         _, commit = self.revisions[step]
@@ -237,6 +238,9 @@ class HubSource:
         if not fds:
             return
         fd = fds.pop()
+        if keep:
+            os.close(fd)
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -377,8 +381,18 @@ class HubSource:
             entries.update(part)
             aliases.update(part_aliases)
             file_of.update(dict.fromkeys(part, f))
+        planned: dict[str, dict[str, TensorInfo]] = {f: {} for f in weights}
+        for n, f in file_of.items():
+            planned[f][n] = entries[n].info
         remote = HubFiles(
-            self, step, {f: sizes[f] for f in weights}, file_of, {f: n for f, n in sizes.items() if _EXTRA.match(f)}
+            self,
+            step,
+            {f: sizes[f] for f in weights},
+            file_of,
+            {f: n for f, n in sizes.items() if _EXTRA.match(f)},
+            label=label,
+            format=fmt,
+            planned=planned,
         )
         meta: dict[str, object] = {"hub": {"repo": self.repo, "revision": name, "commit": commit}}
         return Checkpoint(step, label, fmt, entries, aliases, meta=meta, remote=remote)
@@ -388,13 +402,25 @@ class HubFiles:
     """The files of one revision, downloaded into the huggingface_hub cache one at a time."""
 
     def __init__(
-        self, hub: HubSource, step: int, sizes: dict[str, int], file_of: dict[str, str], extras: dict[str, int]
+        self,
+        hub: HubSource,
+        step: int,
+        sizes: dict[str, int],
+        file_of: dict[str, str],
+        extras: dict[str, int],
+        *,
+        label: str,
+        format: str,
+        planned: dict[str, dict[str, TensorInfo]],
     ) -> None:
         self.hub = hub
         self.step = step
         self.sizes = sizes
         self.file_of = file_of
         self.extras = extras
+        self.label = label
+        self.format = format
+        self.planned = planned  # weight file -> its tensors as its header said when planning
 
     def download(self, filename: str) -> tuple[Path, bool]:
         path, fetched = self.hub.use(self.step, filename, self.sizes.get(filename))
@@ -408,22 +434,17 @@ class HubFiles:
             )
         return path, fetched
 
-    def done_with(self, filename: str) -> None:
-        self.hub.done_with(self.step, filename)
+    def done_with(self, filename: str, *, keep: bool = False) -> None:
+        self.hub.done_with(self.step, filename, keep=keep)
 
-    def attach(self, ckpt: Checkpoint, filename: str, local: Path) -> None:
-        part, _ = open_weight_file(local, ckpt.format, allow_legacy=self.hub.allow_legacy)
-        planned = {n: ckpt.entries[n].info for n, f in self.file_of.items() if f == filename}
-        if {n: e.info for n, e in part.items()} != planned:
+    def local_entries(self, filename: str, local: Path) -> dict[str, TensorEntry]:
+        """Where the tensors of ``filename`` are in its downloaded copy, checked against the plan's header."""
+        part, _ = open_weight_file(local, self.format, allow_legacy=self.hub.allow_legacy)
+        if {n: e.info for n, e in part.items()} != self.planned[filename]:
             raise CheckpointFormatError(
-                f"{ckpt.label}/{filename}: the downloaded file's tensors differ from its header as read when planning"
+                f"{self.label}/{filename}: the downloaded file's tensors differ from its header as read when planning"
             )
-        ckpt.entries.update(part)
-
-    def detach(self, ckpt: Checkpoint, filename: str) -> None:
-        for n, f in self.file_of.items():
-            if f == filename:
-                ckpt.entries[n] = TensorEntry(ckpt.entries[n].info, Path(filename))
+        return part
 
 
 def _evict(link: Path) -> None:
