@@ -119,7 +119,7 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(["float32", "float64"]),
                 default="float32",
                 show_default=True,
-                help="Accumulator dtype (overlapping LAWA windows always keep exact float64 running sums).",
+                help="Accumulator dtype (windows that share checkpoints are always summed in float64).",
             ),
             click.option(
                 "--dtype",
