@@ -128,6 +128,7 @@ class Downloads:
         self.local: dict[FileKey, tuple[Path, bool]] = {}  # path, and whether it counts against the budget
         self.lock = threading.Lock()  # closing, and a late download letting go of its file, exclude each other
         self.closed = False
+        self.keep = False  # set by close(): what a late download does with its file
 
     def _ask(self, u: int) -> None:
         for key in sorted(self.units[u].files - self.asked):
@@ -152,7 +153,7 @@ class Downloads:
         with self.lock:
             if not self.closed:
                 return path, fetched
-        remote.done_with(key[1])  # the run ended while this download went on: let go of it here
+        remote.done_with(key[1], keep=self.keep)  # the run ended while this download went on: let go of it here
         if fetched:
             self.budget.give(need)
         return None
@@ -197,7 +198,7 @@ class Downloads:
         that the next run does not download them again. A download cut short stays as a partial file,
         which the next run continues."""
         with self.lock:
-            self.closed = True
+            self.closed, self.keep = True, keep
             while not self.pool.done.empty():  # finished before we closed: ours to let go of
                 key, result, _ = self.pool.done.get()
                 if result is not None:
