@@ -349,3 +349,80 @@ def test_redactor_covers_raw_stripped_and_escaped_spellings():
     assert odd.redact(f"{'hf_SECRÉTsecret123'.encode()!r} {ascii('hf_SECRÉTsecret123')}") == "b'***' '***'"
     assert Redactor().redact("nothing to hide") == "nothing to hide"
     assert clean_token(None, "--token") is None
+
+
+# ---------------------------------------------------------------- SLURM scripts
+
+
+def slurm(
+    hub: HubServer, tmp_path: Path, *extra: str, env: dict[str, str] | None = None, submit: bool = False
+) -> Result:
+    command = ["lawa", "--repo", REPO, "--endpoint", hub.url, "--cache-dir", str(tmp_path / "cache")]
+    command += ["--steps", "2000:2000", "--k", "2", "--out", str(tmp_path / "out"), *extra]
+    return CliRunner(env=env).invoke(cli, ["slurm", "--num-tasks", "1", *(["--submit"] if submit else []), *command])
+
+
+def test_slurm_leaves_the_token_out_of_the_script_and_says_how_the_job_gets_it(hub: HubServer, tmp_path: Path):
+    for extra in (["--token", SECRET], [f"--token={SECRET}\r\n"]):
+        hub.tokens.clear()
+        r = slurm(hub, tmp_path, *extra)
+        assert r.exit_code == 0, r.output
+        assert set(hub.tokens) == {f"Bearer {SECRET}"}  # planning used it
+        assert SECRET.encode() not in r.stdout_bytes and "secret123" not in r.stdout
+        assert_secret_absent(r.stderr)
+        script = r.stdout
+        assert "--token " not in script and "--token=" not in script
+        assert "# export HF_TOKEN=... (or HF_TOKEN=$(cat ~/.cache/huggingface/token)) before sbatch, or give" in script
+        assert (
+            ': "${HF_TOKEN:?this job needs a Hub token: export HF_TOKEN=... before sbatch, or use --token-file}"\n'
+            in (script)
+        )
+        assert script.rstrip().splitlines()[-1].startswith("exec ")
+        assert r.stderr == (
+            "ckptavg: --token was left out of the script: export HF_TOKEN=... before sbatch (sbatch passes the "
+            "environment on), or use --token-file PATH\n"
+        )
+
+
+def test_slurm_with_hf_token_in_the_environment_writes_no_token(hub: HubServer, tmp_path: Path):
+    r = slurm(hub, tmp_path, env={"HF_TOKEN": SECRET})
+    assert r.exit_code == 0, r.output
+    assert SECRET.encode() not in r.stdout_bytes and "HF_TOKEN:?" not in r.stdout  # a public repo may need none
+    assert "ckptavg: the script holds no token; its job reads HF_TOKEN from the environment of sbatch" in r.stderr
+
+
+def test_slurm_keeps_a_token_file_path_which_the_job_reads(hub: HubServer, tmp_path: Path):
+    path = tmp_path / "token"
+    path.write_text(SECRET + "\r\n")
+    r = slurm(hub, tmp_path, "--token-file", str(path))
+    assert r.exit_code == 0, r.output
+    assert f"--token-file {path}" in r.stdout and SECRET.encode() not in r.stdout_bytes
+    assert (
+        r.stderr == f"ckptavg: the job reads its Hub token from --token-file {path}; compute nodes must see that file\n"
+    )
+
+
+def test_slurm_of_a_local_run_says_nothing_about_tokens(tmp_path: Path, make_st_run):
+    make_st_run([1000, 2000])
+    r = CliRunner().invoke(
+        cli, ["slurm", "lawa", str(tmp_path / "run"), "--steps", "2000:2000", "--k", "2", "--out", "o"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "HF_TOKEN" not in r.stdout and r.stderr == ""
+
+
+def test_slurm_submit_hands_the_token_to_sbatch_in_its_environment_only(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"  # records what SLURM would keep: the script, and the environment it exports
+    fake.write_text(f'#!/bin/sh\ncat > {tmp_path}/script\nprintf %s "$HF_TOKEN" > {tmp_path}/env\necho 42\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    r = slurm(hub, tmp_path, "--token", f"{SECRET}\r\n", submit=True)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "42\n"
+    assert SECRET.encode() not in (tmp_path / "script").read_bytes()
+    assert (tmp_path / "env").read_text() == SECRET  # cleaned, for the job to read as HF_TOKEN
+    assert r.stderr == "ckptavg: --token goes to the job as HF_TOKEN in the environment of sbatch, not in the script\n"

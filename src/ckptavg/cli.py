@@ -625,7 +625,8 @@ def slurm(
     shares = [api.task_share(plan, t, tasks) for t in range(tasks)]
     read = max(p.bytes_to_read() for p in shares)
     written = max(sum(plan.members[w.steps[-1]].nbytes for w in p.windows) for p in shares)
-    run = shlex.join([sys.executable, "-m", "ckptavg", *command])
+    run = shlex.join([sys.executable, "-m", "ckptavg", *_without_token(command)])
+    token_lines, note = _job_token(kw, submit)
     lines = [
         "#!/bin/bash",
         f"# ckptavg {name}: {n} outputs in {tasks} array tasks; the largest task reads about "
@@ -638,19 +639,75 @@ def slurm(
         *([f"#SBATCH --partition={partition}"] if partition else []),
         *([f"#SBATCH --time={time_limit}"] if time_limit else []),
         "set -euo pipefail",
+        *token_lines,
         f'exec {run} --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks {tasks}',
     ]
     script = "\n".join(lines) + "\n"
+    if note:
+        click.echo(f"ckptavg: {note}", err=True)
     if not submit:
         click.echo(script, nl=False)
         return
+    env = None
+    if kw["token"] is not None:  # to the job as sbatch passes on its environment (--export=ALL), not in the script
+        env = {**os.environ, ENV: _source_token(kw) or ""}
     try:
-        done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
+        done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, env=env)
     except FileNotFoundError as e:
         raise click.ClickException("sbatch not found: is this a SLURM login node?") from e
     if done.returncode != 0:
         raise click.ClickException(f"sbatch refused the job: {done.stderr.strip()}")
     click.echo(done.stdout.strip().split(";")[0])
+
+
+def _without_token(command: tuple[str, ...]) -> list[str]:
+    """The command less its --token value, which a script, and SLURM's record of it, must not hold."""
+    out: list[str] = []
+    skip = False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg == "--token":
+            skip = True
+        elif not arg.startswith("--token="):
+            out.append(arg)
+    return out
+
+
+def _source_token(kw: dict[str, Any]) -> str | None:
+    return resolve_token(kw.get("token"), token_file=kw.get("token_file"))
+
+
+def _job_token(kw: dict[str, Any], submit: bool) -> tuple[list[str], str]:
+    """Script lines and a note (stderr) that say how the job gets its Hub token; it is never in the script.
+
+    A --token-file stays in the command: a path is not a secret, and the job reads the file when it runs
+    (on a file system the compute nodes share). Otherwise the job reads HF_TOKEN from the environment
+    sbatch passes on; with --submit, a --token is put there for it.
+    """
+    if not kw.get("repo"):
+        return [], ""
+    if kw.get("token_file") is not None:
+        return [
+            "# Hub token: the job reads it from the --token-file below when it runs (it is not in this script)"
+        ], f"the job reads its Hub token from --token-file {kw['token_file']}; compute nodes must see that file"
+    lines = [
+        "# Hub token: not in this script. The job reads HF_TOKEN from the environment sbatch passes on:",
+        "# export HF_TOKEN=... (or HF_TOKEN=$(cat ~/.cache/huggingface/token)) before sbatch, or give the",
+        "# command --token-file PATH instead.",
+    ]
+    if kw["token"] is None:
+        return lines, (
+            "the script holds no token; its job reads HF_TOKEN from the environment of sbatch "
+            "(export HF_TOKEN=... before sbatch) when the repository needs one"
+        )
+    need = ': "${HF_TOKEN:?this job needs a Hub token: export HF_TOKEN=... before sbatch, or use --token-file}"'
+    if submit:
+        return [*lines, need], "--token goes to the job as HF_TOKEN in the environment of sbatch, not in the script"
+    return [*lines, need], (
+        "--token was left out of the script: export HF_TOKEN=... before sbatch (sbatch passes the environment "
+        "on), or use --token-file PATH"
+    )
 
 
 def _eval_slice(data: Path, max_tokens: int, seq_len: int) -> Any:
