@@ -351,6 +351,19 @@ def test_redactor_covers_raw_stripped_and_escaped_spellings():
     assert clean_token(None, "--token") is None
 
 
+def test_log_records_are_redacted_and_a_malformed_one_does_not_raise(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO)
+    with Redactor(SECRET).active():
+        logging.getLogger("huggingface_hub.file_download").error("Authorization: Bearer %s", SECRET)
+        logging.getLogger("ckptavg.test").error("two %s %s", SECRET)  # one argument short
+    logging.getLogger("ckptavg.test").info("after: %s", "kept")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Authorization: Bearer ***",
+        "two %s %s ('***',)",
+        "after: kept",
+    ]
+
+
 # ---------------------------------------------------------------- SLURM scripts
 
 

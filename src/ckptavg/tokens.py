@@ -136,7 +136,11 @@ class Redactor:
         def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
             r = make_record(*args, **kwargs)
             if self._spellings:
-                r.msg, r.args = self.redact(r.getMessage()), ()
+                try:
+                    text = r.getMessage()
+                except Exception:  # a malformed call: logging reports it when emitting; it must not raise here
+                    text = f"{r.msg} {r.args!r}"
+                r.msg, r.args = self.redact(text), ()
                 if r.exc_info:
                     r.exc_text = self.redact(logging.Formatter().formatException(r.exc_info))
                 if r.stack_info:
