@@ -364,6 +364,23 @@ def test_log_records_are_redacted_and_a_malformed_one_does_not_raise(caplog: pyt
     ]
 
 
+def test_a_thread_that_dies_quoting_the_token_is_printed_redacted(capsys: pytest.CaptureFixture[str]):
+    import threading
+
+    def die() -> None:
+        raise RuntimeError(f"Authorization: Bearer {SECRET}")
+
+    hook = threading.excepthook
+    with Redactor(SECRET).active():
+        t = threading.Thread(target=die, name="download-0")
+        t.start()
+        t.join()
+    assert threading.excepthook is hook
+    err = capsys.readouterr().err
+    assert err.startswith("Exception in thread download-0:\nTraceback (most recent call last):")
+    assert err.endswith("RuntimeError: Authorization: Bearer ***\n")
+
+
 # ---------------------------------------------------------------- SLURM scripts
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import threading
+import traceback
 import unicodedata
 import warnings
 from collections.abc import Iterator, Mapping
@@ -129,7 +132,8 @@ class Redactor:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[Redactor]:
-        """Redact every log record made and every warning shown inside the block; restored after."""
+        """Redact every log record made, warning shown and thread's uncaught exception printed inside the
+        block; the hooks are put back after it."""
         make_record = logging.getLogRecordFactory()
         show_warning = warnings.showwarning
 
@@ -150,10 +154,21 @@ class Redactor:
         def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
             show_warning(self.redact(str(message)), *args, **kwargs)
 
+        def thread_died(args: threading.ExceptHookArgs) -> None:  # as threading's own hook prints it
+            if args.exc_type is SystemExit:
+                return
+            name = args.thread.name if args.thread is not None else threading.get_ident()
+            text = "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+            if sys.stderr is not None:
+                sys.stderr.write(self.redact(f"Exception in thread {name}:\n{text}"))
+                sys.stderr.flush()
+
         logging.setLogRecordFactory(record)
         warnings.showwarning = show
+        thread_hook, threading.excepthook = threading.excepthook, thread_died
         try:
             yield self
         finally:
             logging.setLogRecordFactory(make_record)
             warnings.showwarning = show_warning
+            threading.excepthook = thread_hook
