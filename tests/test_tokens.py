@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import subprocess
 import sys
 import warnings
@@ -44,7 +43,10 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("CKPTAVG_DEBUG", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-stored-login"))  # not the machine's own login
+    import huggingface_hub.constants
+
+    # huggingface_hub's stored login (read when no token is given): a file of the test's, not the machine's.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "stored-login"))
 
 
 def ls(hub: HubServer, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> Result:
@@ -164,16 +166,19 @@ def test_a_token_file_that_gives_no_token_is_one_line_naming_it(make, message: s
     assert_secret_absent(str(e.value))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_an_unreadable_token_file(tmp_path: Path):
+def test_an_unreadable_token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path = tmp_path / "token"
     path.write_text(SECRET)
-    path.chmod(0)
-    try:
-        with pytest.raises(TokenError) as e:
-            read_token_file(path)
-    finally:
-        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    real_open = Path.open
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> object:
+        if self == path:  # as chmod 0 would, for anyone but root (who runs these tests in CI containers)
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(TokenError) as e:
+        read_token_file(path)
     assert str(e.value) == f"--token-file {path}: cannot read it (Permission denied)"
 
 
@@ -322,6 +327,24 @@ def test_a_bug_that_quotes_the_token_is_printed_redacted(
     assert logging.getLogRecordFactory() is logging.LogRecord  # the CLI put back what it replaced
 
 
+def test_huggingface_hubs_stored_login_is_redacted_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import ckptavg.sources
+
+    Path(huggingface_hub.constants.HF_TOKEN_PATH).write_text(SECRET + "\n")  # as `hf auth login` stores it
+
+    def refuse(repo: str, *, token: str | None = None, **options: object) -> None:
+        assert token is None  # none given: huggingface_hub would send its stored login
+        raise RuntimeError(f"sent {huggingface_hub.get_token()}")
+
+    monkeypatch.setattr(ckptavg.sources, "open_hub_run", refuse)
+    r = CliRunner().invoke(cli, ["ls", "--repo", REPO])
+    assert r.exit_code == 1 and "RuntimeError: sent ***" in r.stderr
+    assert_secret_absent(r.output)
+
+
 def test_a_library_error_that_quotes_the_token_is_one_redacted_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import ckptavg.sources
     from ckptavg.errors import HubError
@@ -412,6 +435,13 @@ def test_slurm_leaves_the_token_out_of_the_script_and_says_how_the_job_gets_it(h
             "ckptavg: --token was left out of the script: export HF_TOKEN=... before sbatch (sbatch passes the "
             "environment on), or use --token-file PATH\n"
         )
+
+
+def test_slurm_with_an_empty_token_asks_for_none(hub: HubServer, tmp_path: Path):
+    r = slurm(hub, tmp_path, "--token", "")
+    assert r.exit_code == 0, r.output
+    assert "HF_TOKEN:?" not in r.stdout and "--token" not in r.stdout.splitlines()[-1]
+    assert r.stderr.startswith("ckptavg: the script holds no token")
 
 
 def test_slurm_with_hf_token_in_the_environment_writes_no_token(hub: HubServer, tmp_path: Path):

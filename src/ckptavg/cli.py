@@ -649,8 +649,8 @@ def slurm(
         click.echo(script, nl=False)
         return
     env = None
-    if kw["token"] is not None:  # to the job as sbatch passes on its environment (--export=ALL), not in the script
-        env = {**os.environ, ENV: _source_token(kw) or ""}
+    if _given_token(kw):  # to the job as sbatch passes on its environment (--export=ALL), not in the script
+        env = {**os.environ, ENV: _given_token(kw)}
     try:
         done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, env=env)
     except FileNotFoundError as e:
@@ -674,8 +674,9 @@ def _without_token(command: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _source_token(kw: dict[str, Any]) -> str | None:
-    return resolve_token(kw.get("token"), token_file=kw.get("token_file"))
+def _given_token(kw: dict[str, Any]) -> str:
+    """The clean --token of a command, or "" if it has none (an empty --token is none)."""
+    return (resolve_token(kw["token"]) or "") if kw.get("token") is not None else ""
 
 
 def _job_token(kw: dict[str, Any], submit: bool) -> tuple[list[str], str]:
@@ -696,7 +697,7 @@ def _job_token(kw: dict[str, Any], submit: bool) -> tuple[list[str], str]:
         "# export HF_TOKEN=... (or HF_TOKEN=$(cat ~/.cache/huggingface/token)) before sbatch, or give the",
         "# command --token-file PATH instead.",
     ]
-    if kw["token"] is None:
+    if not _given_token(kw):
         return lines, (
             "the script holds no token; its job reads HF_TOKEN from the environment of sbatch "
             "(export HF_TOKEN=... before sbatch) when the repository needs one"
