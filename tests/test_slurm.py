@@ -190,3 +190,24 @@ def test_submit_prints_the_job_id(slurm_env, job_dir: Path, monkeypatch: pytest.
     _wait(finished, 120, f"job {job} did not finish")
     rows = CliRunner().invoke(cli, ["status", *COMMAND, "--num-tasks", "2"]).stdout.splitlines()
     assert len(rows) == 6 and all("\tcomplete\t" in r for r in rows)
+
+
+def test_a_submitted_job_record_holds_no_token(slurm_env, job_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """What SLURM keeps of a job (its script, as `scontrol write batch_script` gives it back) has no --token."""
+    secret = "hf_SECRETsecret123"
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])
+    result = CliRunner().invoke(cli, ["slurm", "--num-tasks", "2", "--submit", *COMMAND, "--token", secret])
+    assert result.exit_code == 0, result.output
+    job = result.stdout.strip()
+    record = subprocess.run(
+        ["scontrol", "write", "batch_script", job, "-"], env=slurm_env, capture_output=True, timeout=15
+    )
+    assert record.returncode == 0, record.stderr
+    assert b"ckptavg lawa run" in record.stdout and secret.encode() not in record.stdout
+    assert secret not in result.output
+
+    def finished() -> bool:
+        q = subprocess.run(["squeue", "-h", "-j", job], env=slurm_env, capture_output=True, text=True, timeout=15)
+        return q.returncode == 0 and not q.stdout.strip()
+
+    _wait(finished, 120, f"job {job} did not finish")  # the next test's cluster starts idle

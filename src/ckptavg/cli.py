@@ -8,20 +8,23 @@ Set CKPTAVG_DEBUG=1 to see tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 
 from ckptavg import __version__
 from ckptavg.errors import CkptavgError
 from ckptavg.steps import STEP_RANGE, STEP_RANGE_FLOAT
+from ckptavg.tokens import ENV, Redactor, resolve_token
 
 if TYPE_CHECKING:
     from ckptavg.api import Plan
@@ -30,16 +33,70 @@ if TYPE_CHECKING:
 OUTPUT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
+_REDACTOR = "ckptavg.redactor"  # ctx.meta keys: the Redactor of this invocation, shared by all its contexts,
+_ARGS = "ckptavg.args"  # and its arguments as given
+
+
+def _redactor(ctx: click.Context) -> Redactor:
+    found = ctx.meta.get(_REDACTOR)
+    if found is None:  # a command invoked on its own, outside the group
+        found = ctx.meta[_REDACTOR] = Redactor(os.environ.get(ENV))
+    return cast(Redactor, found)
+
+
+def _token_values(args: list[str]) -> Iterator[str]:
+    """The values given to --token in raw arguments, also those of a command given to slurm or status."""
+    for i, arg in enumerate(args):
+        if arg == "--token" and i + 1 < len(args):
+            yield args[i + 1]
+        elif arg.startswith("--token="):
+            yield arg.partition("=")[2]
+
+
 class _Cli(click.Group):
-    """Turns library errors into one line and exit code 1 (Click's own usage errors exit 2)."""
+    """Turns library errors into one line and exit code 1 (Click's own usage errors exit 2).
+
+    Nothing it prints holds a token: messages, tracebacks (CKPTAVG_DEBUG=1, or a bug's), log records and
+    warnings pass through the invocation's Redactor, which knows $HF_TOKEN, every --token value and the
+    token a command resolved.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[_ARGS] = list(args)  # as given: before any parsing can fail and quote a --token value
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except CkptavgError as e:
-            if os.environ.get("CKPTAVG_DEBUG"):
+        redactor = ctx.meta[_REDACTOR] = Redactor(os.environ.get(ENV), *_token_values(ctx.meta.get(_ARGS, [])))
+        with redactor.active():
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.Exit, click.Abort, BrokenPipeError):
                 raise
-            raise click.ClickException(str(e)) from e
+            except click.ClickException as e:
+                # Keep the exception (its exit code, and a usage error's hint): only its text changes.
+                setattr(e, "message", _redact_all(redactor, e.message))  # noqa: B010 (typed Final by click)
+                raise
+            except CkptavgError as e:
+                if not os.environ.get("CKPTAVG_DEBUG"):
+                    raise click.ClickException(_redact_all(redactor, str(e))) from e
+                _print_traceback(redactor, e)
+            except Exception as e:  # a bug: its traceback, as Python would print it, but redacted
+                _print_traceback(redactor, e)
+            raise SystemExit(1)  # not click's Exit, which main(standalone_mode=False) would return, not exit with
+
+
+def _redact_all(redactor: Redactor, text: str) -> str:
+    """Also the stored login huggingface_hub sends when given no token (if it is loaded: no import here)."""
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError, AttributeError):
+            redactor.add(Path(hub.HF_TOKEN_PATH).read_text())
+    return redactor.redact(text)
+
+
+def _print_traceback(redactor: Redactor, e: BaseException) -> None:
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    click.echo(_redact_all(redactor, text), err=True, nl=False)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -209,10 +266,14 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--token",
-                envvar="HF_TOKEN",
                 default=None,
-                show_envvar=True,
-                help="Hub token (never printed or recorded).",
+                help="Hub token [default: $HF_TOKEN]; never printed or recorded (not even by `slurm`).",
+            ),
+            click.option(
+                "--token-file",
+                default=None,
+                metavar="PATH",
+                help="Read the Hub token from this file instead, e.g. ~/.cache/huggingface/token.",
             ),
             click.option("--endpoint", envvar="HF_ENDPOINT", default=None, show_envvar=True, help="Hub URL."),
             click.option(
@@ -237,10 +298,14 @@ def _source(kw: dict[str, Any]) -> Any:
         disable_progress_bars()  # stderr carries our progress; a dead download is one line, not six retries
         hf_logging.set_verbosity_error()
 
+        if kw.get("token") is not None and kw.get("token_file") is not None:
+            raise click.UsageError("give --token or --token-file, not both")
+        token = resolve_token(kw.get("token"), token_file=kw.get("token_file"))
+        _redactor(click.get_current_context()).add(token)
         return open_hub_run(
             kw["repo"],
             endpoint=kw["endpoint"],
-            token=kw["token"],
+            token=token,
             cache_dir=kw["cache_dir"],
             template=kw["revision_template"],
             allow_legacy=kw["allow_legacy_pickle"],
@@ -560,7 +625,8 @@ def slurm(
     shares = [api.task_share(plan, t, tasks) for t in range(tasks)]
     read = max(p.bytes_to_read() for p in shares)
     written = max(sum(plan.members[w.steps[-1]].nbytes for w in p.windows) for p in shares)
-    run = shlex.join([sys.executable, "-m", "ckptavg", *command])
+    run = shlex.join([sys.executable, "-m", "ckptavg", *_without_token(command)])
+    token_lines, note = _job_token(kw, submit)
     lines = [
         "#!/bin/bash",
         f"# ckptavg {name}: {n} outputs in {tasks} array tasks; the largest task reads about "
@@ -573,19 +639,76 @@ def slurm(
         *([f"#SBATCH --partition={partition}"] if partition else []),
         *([f"#SBATCH --time={time_limit}"] if time_limit else []),
         "set -euo pipefail",
+        *token_lines,
         f'exec {run} --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks {tasks}',
     ]
     script = "\n".join(lines) + "\n"
+    if note:
+        click.echo(f"ckptavg: {note}", err=True)
     if not submit:
         click.echo(script, nl=False)
         return
+    env = None
+    if _given_token(kw):  # to the job as sbatch passes on its environment (--export=ALL), not in the script
+        env = {**os.environ, ENV: _given_token(kw)}
     try:
-        done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
+        done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, env=env)
     except FileNotFoundError as e:
         raise click.ClickException("sbatch not found: is this a SLURM login node?") from e
     if done.returncode != 0:
         raise click.ClickException(f"sbatch refused the job: {done.stderr.strip()}")
     click.echo(done.stdout.strip().split(";")[0])
+
+
+def _without_token(command: tuple[str, ...]) -> list[str]:
+    """The command less its --token value, which a script, and SLURM's record of it, must not hold."""
+    out: list[str] = []
+    skip = False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg == "--token":
+            skip = True
+        elif not arg.startswith("--token="):
+            out.append(arg)
+    return out
+
+
+def _given_token(kw: dict[str, Any]) -> str:
+    """The clean --token of a command, or "" if it has none (an empty --token is none)."""
+    return (resolve_token(kw["token"]) or "") if kw.get("token") is not None else ""
+
+
+def _job_token(kw: dict[str, Any], submit: bool) -> tuple[list[str], str]:
+    """Script lines and a note (stderr) that say how the job gets its Hub token; it is never in the script.
+
+    A --token-file stays in the command: a path is not a secret, and the job reads the file when it runs
+    (on a file system the compute nodes share). Otherwise the job reads HF_TOKEN from the environment
+    sbatch passes on; with --submit, a --token is put there for it.
+    """
+    if not kw.get("repo"):
+        return [], ""
+    if kw.get("token_file") is not None:
+        return [
+            "# Hub token: the job reads it from the --token-file below when it runs (it is not in this script)"
+        ], f"the job reads its Hub token from --token-file {kw['token_file']}; compute nodes must see that file"
+    lines = [
+        "# Hub token: not in this script. The job reads HF_TOKEN from the environment sbatch passes on:",
+        "# export HF_TOKEN=... (or HF_TOKEN=$(cat ~/.cache/huggingface/token)) before sbatch, or give the",
+        "# command --token-file PATH instead.",
+    ]
+    if not _given_token(kw):
+        return lines, (
+            "the script holds no token; its job reads HF_TOKEN from the environment of sbatch "
+            "(export HF_TOKEN=... before sbatch) when the repository needs one"
+        )
+    need = ': "${HF_TOKEN:?this job needs a Hub token: export HF_TOKEN=... before sbatch, or use --token-file}"'
+    if submit:
+        return [*lines, need], "--token goes to the job as HF_TOKEN in the environment of sbatch, not in the script"
+    return [*lines, need], (
+        "--token was left out of the script: export HF_TOKEN=... before sbatch (sbatch passes the environment "
+        "on), or use --token-file PATH"
+    )
 
 
 def _eval_slice(data: Path, max_tokens: int, seq_len: int) -> Any:

@@ -114,7 +114,9 @@ def _nanogpt_run(label: str, files: list[Path], allow_legacy: bool) -> Run:
 def open_hub_run(repo: str, **options: Any) -> Run:
     """A run on the Hub (or a Hub-like endpoint): steps from its revisions, files fetched when averaged."""
     from ckptavg.sources.hub import HubSource
+    from ckptavg.tokens import clean_token
 
+    options["token"] = clean_token(options.get("token"), "the token argument")  # a header, not a traceback
     hub = HubSource(repo, **options)  # endpoint, token, cache_dir, template, allow_legacy
     paths = {step: Path(name) for step, (name, _) in hub.revisions.items()}
     return Run(repo, "hub", paths, hub.allow_legacy, opener=hub.plan_checkpoint, summary=hub.summary)
