@@ -115,6 +115,6 @@ def open_hub_run(repo: str, **options: Any) -> Run:
     """A run on the Hub (or a Hub-like endpoint): steps from its revisions, files fetched when averaged."""
     from ckptavg.sources.hub import HubSource
 
-    hub = HubSource(repo, **options)  # endpoint, token, cache_dir, template, allow_legacy
+    hub = HubSource(repo, **options)  # endpoint, token, cache_dir, template, allow_legacy, retry_time
     paths = {step: Path(name) for step, (name, _) in hub.revisions.items()}
     return Run(repo, "hub", paths, hub.allow_legacy, opener=hub.plan_checkpoint, summary=hub.summary)
