@@ -254,7 +254,7 @@ class HubSource:
                         if not attempts.retry(e):
                             raise
                     have = max(have, got[0])
-                if adopted and _SHA256.match(etag) and _sha256(fd) != etag:
+                if adopted and _SHA256.fullmatch(etag) and _sha256(fd) != etag:
                     os.ftruncate(fd, 0)  # what another process left was not this file's bytes: start over
                     have, adopted = 0, False
                     continue
@@ -604,13 +604,13 @@ def _check_path(value: object, what: str, source: str) -> str:
 
 
 def _check_commit(value: object, where: str, source: str) -> str:
-    if not isinstance(value, str) or not _COMMIT.match(value):
+    if not isinstance(value, str) or not _COMMIT.fullmatch(value):
         raise UnsafeServerValueError(f"{where}: commit hash {value!r} from {source} is not 40 hex digits; refusing it")
     return value
 
 
 def _check_etag(value: str, where: str, source: str) -> str:
-    if not _ETAG.match(value):
+    if not _ETAG.fullmatch(value):
         raise UnsafeServerValueError(
             f"{where}: {source} {value!r} is not a safe file name (letters, digits, '.', '_', '-'); refusing it"
         )
@@ -652,7 +652,7 @@ def _abandoned_partials(blobs: Path, etag: str) -> list[tuple[Path, int]]:
     found = []
     host, now = _host(), time.time()
     for p in blobs.glob(f"{etag}.*incomplete"):
-        m = _PARTIAL.match(p.name)
+        m = _PARTIAL.fullmatch(p.name)
         if m is None or m["etag"] != etag:
             continue
         try:
