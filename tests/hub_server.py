@@ -13,7 +13,7 @@ announced, ``{"slow": {"pytorch_model.bin": seconds}}`` to wait before answering
 
 ``inject(kind, n, file=..., **fault)`` spoils the next ``n`` requests of one kind (``refs`` listing,
 ``tree`` listing, ``head`` of a file, header ``range`` GET, ``download`` GET: whole or an open range
-``bytes=N-``), optionally only those of one file:
+``bytes=N-``), optionally only those of one file (its name, or ``REVISION/PATH`` as requested):
 ``status=503`` (429, 500, 502 ...; with ``retry_after="2"`` a Retry-After header) answers that status;
 ``hangup=True`` closes the connection without an answer; ``drop=True`` promises the body, sends half and
 hangs up; ``stall=seconds`` sends half the body, waits, then the rest (a slow body); ``length=-10``
@@ -102,6 +102,7 @@ class HubServer:
         self.lock = threading.Lock()
         self.requests: list[str] = []
         self.timed: list[tuple[float, str]] = []
+        self.bytes_sent = 0  # body bytes of files sent (downloads and ranges), for benchmarks
         self.etags: dict[tuple[str, int, int], str] = {}
         self.tokens: list[str | None] = []  # the Authorization header of each request
         server = self
@@ -140,10 +141,10 @@ class HubServer:
         with self.lock:
             self.queued[kind] += [(file, fault)] * n
 
-    def take(self, kind: str, file: str | None) -> dict[str, Any]:
+    def take(self, kind: str, file: tuple[str, ...]) -> dict[str, Any]:
         with self.lock:
             for i, (only, _) in enumerate(self.queued[kind]):
-                if only is None or only == file:
+                if only is None or only in file:
                     return self.queued[kind].pop(i)[1]
         return {}
 
@@ -175,15 +176,15 @@ class HubServer:
         if "status" in self.faults:
             return self.send(h, self.faults["status"], b"unavailable", head)
         api = parts[:2] == ["api", "models"]
-        kind, file_name = None, None
+        kind, file_keys = None, ()
         if api and len(parts) == 5 and parts[4] == "refs":
             kind = "refs"
         elif api and len(parts) >= 6 and parts[4] == "tree":
             kind = "tree"
         elif not api and len(parts) >= 5 and parts[2] == "resolve":
-            file_name = parts[-1]
+            file_keys = (parts[-1], "/".join(parts[3:]))  # the file's name, or REVISION/PATH
             kind = "head" if head else "range" if rng and not rng.endswith("-") else "download"
-        fault = self.take(kind, file_name) if kind else {}
+        fault = self.take(kind, file_keys) if kind else {}
         h.fault = fault  # type: ignore[attr-defined]
         if fault.get("hangup"):
             h.close_connection = True
@@ -327,6 +328,8 @@ class HubServer:
                 h.wfile.write(block)
                 send -= len(block)
                 sent += len(block)
+                with self.lock:
+                    self.bytes_sent += len(block)
                 if stall_at and send == stall_at:
                     h.wfile.flush()
                     time.sleep(fault["stall"])

@@ -400,3 +400,60 @@ def test_two_processes_without_working_locks_never_corrupt_a_blob(hub: HubServer
         files = sorted((hub.root / REPO / branch).iterdir())
         assert sorted(p.name for p in (snapshots / commit).iterdir()) == [f.name for f in files]
         assert all((snapshots / commit / f.name).read_bytes() == f.read_bytes() for f in files)
+
+
+# ---------------------------------------------------------------- the policy, pure
+
+
+@pytest.mark.parametrize(
+    "status, headers, expected",
+    [
+        (503, {}, ("HTTP 503", None)),
+        (429, {"Retry-After": "7"}, ("HTTP 429", 7.0)),
+        (500, {"Retry-After": "soon"}, ("HTTP 500", None)),
+        (408, {}, ("HTTP 408", None)),
+        (401, {}, None),
+        (403, {}, None),
+        (404, {"Retry-After": "7"}, None),
+    ],
+)
+def test_which_answers_are_transient(status: int, headers: dict[str, str], expected: object):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ckptavg.sources.retry import transient
+
+    response = httpx2.Response(status, headers=headers, request=httpx2.Request("GET", "http://127.0.0.1/x"))
+    assert transient(HfHubHTTPError("x", response=response)) == expected
+
+
+def test_transport_errors_are_transient_and_others_are_not():
+    import httpx2
+
+    from ckptavg.sources.retry import BodyCutShort, transient
+
+    assert transient(httpx2.ReadTimeout("slow")) == ("ReadTimeout", None)
+    assert transient(httpx2.RemoteProtocolError("peer closed")) == ("RemoteProtocolError", None)
+    assert transient(httpx2.ConnectError("refused")) == ("ConnectError", None)
+    assert transient(BodyCutShort("after 10 of 20 bytes")) == ("connection dropped: after 10 of 20 bytes", None)
+    assert transient(ValueError("no")) is None and transient(OSError("disk full")) is None
+
+
+def test_retry_after_as_an_http_date():
+    import email.utils
+
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ckptavg.sources.retry import transient
+
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    response = httpx2.Response(503, headers={"Retry-After": when}, request=httpx2.Request("GET", "http://h/x"))
+    _, wait = transient(HfHubHTTPError("x", response=response))  # type: ignore[misc]
+    assert wait is not None and 28 <= wait <= 31
+
+
+def test_the_default_policy_waits_minutes_not_seconds(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("CKPTAVG_RETRY_BASE")
+    assert RetryPolicy.with_total(None) == RetryPolicy(total=600, first_delay=1, max_delay=60)
+    assert RetryPolicy.with_total(5).total == 5
