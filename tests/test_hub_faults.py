@@ -141,7 +141,10 @@ def test_retry_after_is_honoured_up_to_a_cap(
     assert (tmp_path / "o" / "step2000" / "model.safetensors").read_bytes() == reference
 
 
-def test_a_dropped_download_resumes_by_range_from_the_bytes_it_has(hub: HubServer, tmp_path: Path, reference: bytes):
+def test_a_dropped_download_resumes_by_range_from_the_bytes_it_has_at_once(
+    hub: HubServer, tmp_path: Path, reference: bytes, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("CKPTAVG_RETRY_BASE", "1")  # a backoff would wait 0.5-1 s
     hub.inject("download", 1, file=WEIGHTS, drop=True)
     r = lawa(hub, tmp_path)
     assert r.exit_code == 0, r.output
@@ -152,6 +155,8 @@ def test_a_dropped_download_resumes_by_range_from_the_bytes_it_has(hub: HubServe
     start = int(re.search(r"bytes=(\d+)-\]$", resumed[0]).group(1))  # type: ignore[union-attr]
     size = (hub.root / REPO / "step1000" / WEIGHTS).stat().st_size
     assert 0 < start <= size // 2, (start, size)  # the half the server sent is kept, not fetched again
+    times = {line: t for t, line in reversed(hub.timed)}  # each line's first time
+    assert times[resumed[0]] - times[dropped] < 0.4  # it made progress: no backoff
     assert (tmp_path / "o" / "step2000" / "model.safetensors").read_bytes() == reference
 
 

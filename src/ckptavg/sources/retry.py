@@ -81,11 +81,15 @@ class Attempts:
         self.count = 0
         self.start = self.first = time.monotonic()
         self.delay = policy.first_delay
+        self.at_once = False
 
     def progressed(self) -> None:
-        """The request moved forward (a download received bytes): its clock and backoff start again."""
+        """The request moved forward (a download received bytes before it dropped): its clock and backoff
+        start again, and the next attempt goes at once: a connection cut mid-body is a network fault, not
+        a server asking for patience, and each such retry is bounded by the bytes left to fetch."""
         self.start = time.monotonic()
         self.delay = self.policy.first_delay
+        self.at_once = True
 
     def retry(self, e: BaseException) -> bool:
         fault = transient(e)
@@ -93,7 +97,8 @@ class Attempts:
             return False
         last, retry_after = fault
         self.count += 1
-        wait = random.uniform(self.delay / 2, self.delay)
+        wait = 0.0 if self.at_once else random.uniform(self.delay / 2, self.delay)
+        self.at_once = False
         if retry_after is not None:
             wait = min(retry_after, self.policy.max_delay)
         if time.monotonic() - self.start + wait > self.policy.total:
@@ -107,7 +112,8 @@ class Attempts:
                 last=last,
             ) from e
         time.sleep(wait)
-        self.delay = min(self.delay * 2, self.policy.max_delay)
+        if wait:
+            self.delay = min(self.delay * 2, self.policy.max_delay)
         return True
 
 
