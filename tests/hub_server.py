@@ -22,7 +22,8 @@ sends a complete answer that many bytes off the size announced.
 Hostile values, as a broken or malicious server would send them: ``{"branches": {"../x": sha}}`` adds
 branches to the refs listing, ``{"commits": {"step1000": "zz"}}`` replaces a branch's commit hash there,
 ``{"listed": {"../../evil.bin": 10}}`` adds entries to every tree listing, ``{"etags": {"config.json":
-"a/b"}}`` replaces a file's ETag.
+"a/b"}}`` replaces a file's ETag. ``{"page": n}`` answers tree listings in pages of n entries, linked by a
+``Link: <...?cursor=N>; rel="next"`` header as the Hub's are.
 
 ``requests`` logs every request with its Range (``timed`` with its time.monotonic()), ``tokens`` its
 Authorization header.
@@ -220,6 +221,13 @@ class HubServer:
                 for p in files
             ]
             entries += [{"type": "file", "path": n, "size": size} for n, size in self.faults.get("listed", {}).items()]
+            if parts[4] == "tree" and self.faults.get("page"):  # pages of that many entries, as the Hub's cursor
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(h.path).query)
+                at, size = int(query.get("cursor", ["0"])[0]), self.faults["page"]
+                link = {}
+                if at + size < len(entries):
+                    link["Link"] = f'<{self.url}{path}?recursive=false&cursor={at + size}>; rel="next"'
+                return self.json(h, entries[at : at + size], head, link)
             if parts[4] == "tree":
                 return self.json(h, entries, head)
             siblings = [{"rfilename": e["path"], "size": e["size"]} for e in entries]
@@ -264,8 +272,8 @@ class HubServer:
             body = body[len(body) // 2 :]
         h.wfile.write(body)
 
-    def json(self, h: BaseHTTPRequestHandler, obj: object, head: bool) -> None:
-        self.send(h, 200, json.dumps(obj).encode(), head, {"Content-Type": "application/json"})
+    def json(self, h: BaseHTTPRequestHandler, obj: object, head: bool, headers: dict[str, str] | None = None) -> None:
+        self.send(h, 200, json.dumps(obj).encode(), head, {"Content-Type": "application/json", **(headers or {})})
 
     def etag(self, file: Path) -> str:
         """The sha256 of the content, as the Hub's ETag for LFS files (cached: benchmarks serve GBs)."""

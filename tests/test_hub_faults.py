@@ -114,6 +114,23 @@ def test_a_transient_fault_of_each_request_kind_is_retried_to_the_same_output(
     assert all(p.is_relative_to(tmp_path / "o") for p in outside_cache(tmp_path))
 
 
+def test_a_tree_listed_in_pages_is_read_whole_and_each_page_is_retried(
+    hub: HubServer, tmp_path: Path, reference: bytes
+):
+    hub.faults["page"] = 2
+    hub.inject("tree", 4, status=503)
+    try:
+        r = lawa(hub, tmp_path)
+    finally:
+        hub.faults.pop("page")
+    assert r.exit_code == 0, r.output
+    assert hub.pending() == {}
+    pages = [line for line in hub.requests if "/tree/" in line]
+    files = len(list((hub.root / REPO / "step1000").iterdir()))
+    assert len(pages) == 4 + 2 * -(-files // 2)  # every page of both revisions, and the four refused
+    assert (tmp_path / "o" / "step2000" / "model.safetensors").read_bytes() == reference
+
+
 @pytest.mark.parametrize(
     "base, retry_after, wait",
     [
