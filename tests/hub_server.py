@@ -17,7 +17,8 @@ announced, ``{"slow": {"pytorch_model.bin": seconds}}`` to wait before answering
 ``status=503`` (429, 500, 502 ...; with ``retry_after="2"`` a Retry-After header) answers that status;
 ``hangup=True`` closes the connection without an answer; ``drop=True`` promises the body, sends half and
 hangs up; ``stall=seconds`` sends half the body, waits, then the rest (a slow body); ``length=-10``
-sends a complete answer that many bytes off the size announced.
+sends a complete answer that many bytes off the size announced; ``redirect=True`` (HEAD) sends the client to
+``localhost`` for the bytes, as the Hub sends LFS files to a storage host.
 
 Hostile values, as a broken or malicious server would send them: ``{"branches": {"../x": sha}}`` adds
 branches to the refs listing, ``{"commits": {"step1000": "zz"}}`` replaces a branch's commit hash there,
@@ -106,6 +107,7 @@ class HubServer:
         self.bytes_sent = 0  # body bytes of files sent (downloads and ranges), for benchmarks
         self.etags: dict[tuple[str, int, int], str] = {}
         self.tokens: list[str | None] = []  # the Authorization header of each request
+        self.seen: list[tuple[str, str, str | None]] = []  # (Host, request, Authorization) of each request
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -174,6 +176,7 @@ class HubServer:
         self.requests.append(line)
         self.timed.append((time.monotonic(), line))
         self.tokens.append(h.headers.get("Authorization"))
+        self.seen.append((h.headers.get("Host", ""), line, h.headers.get("Authorization")))
         if "status" in self.faults:
             return self.send(h, self.faults["status"], b"unavailable", head)
         api = parts[:2] == ["api", "models"]
@@ -292,6 +295,11 @@ class HubServer:
         etag = self.faults.get("etags", {}).get(file.name) or self.etag(file)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         fault = getattr(h, "fault", {})
+        if head and fault.get("redirect"):  # to a storage host, as the Hub sends LFS files to its CDN
+            port = self.httpd.server_address[1]
+            where = f"http://localhost:{port}{urllib.parse.urlsplit(h.path).path}"
+            linked = {"X-Linked-Size": str(size), "X-Linked-Etag": headers["ETag"], "Location": where}
+            return self.send(h, 302, b"", head, {"X-Repo-Commit": sha, **linked})
         rng = h.headers.get("Range")
         status, start, end = 200, 0, size - 1
         if rng and rng.startswith("bytes="):

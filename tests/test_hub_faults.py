@@ -255,6 +255,17 @@ def test_refusals_are_not_retried(hub: HubServer, tmp_path: Path, status: int):
     assert len(heads) == len(set(heads))  # no HEAD was asked twice
 
 
+def test_the_token_does_not_follow_a_redirect_to_a_storage_host(hub: HubServer, tmp_path: Path, reference: bytes):
+    hub.inject("head", 100, file=WEIGHTS, redirect=True)
+    hub.seen.clear()
+    r = lawa(hub, tmp_path, "--token", "hf_SECRET")
+    assert r.exit_code == 0, r.output
+    storage = [(line, token) for host, line, token in hub.seen if host.startswith("localhost")]
+    assert storage and all(token is None for _, token in storage), storage
+    assert all(token == "Bearer hf_SECRET" for host, _, token in hub.seen if host.startswith("127.0.0.1"))
+    assert (tmp_path / "o" / "step2000" / "model.safetensors").read_bytes() == reference
+
+
 # ---------------------------------------------------------------- hostile values
 
 

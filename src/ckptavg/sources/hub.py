@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from ckptavg.errors import CheckpointFormatError, CkptavgError, HubError, UnsafeServerValueError
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry
@@ -285,7 +285,9 @@ class HubSource:
         from huggingface_hub import constants
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-        headers = build_hf_headers(token=self.token)
+        # The token goes to the Hub, not to a storage host its HEAD redirected to (a signed URL needs none).
+        same_host = urlsplit(url).netloc == urlsplit(self.api.endpoint).netloc
+        headers = build_hf_headers(token=self.token if same_host else False)
         headers["Accept-Encoding"] = "identity"  # the bytes of the file, counted as its size counts them
         if start:
             headers["Range"] = f"bytes={start}-"
