@@ -15,6 +15,13 @@ read from weight files (headers, by HTTP range).
 
 Budgets: `window` (the default: one window's checkpoints whole), `min` (k of the largest shard, plus
 config and tokenizer files), or a number of bytes.
+
+`--fault 500` runs each budget a second time with one HTTP 500 injected into the download of every weight
+file (every shard of every revision); `--fault drop` with one dropped body (half sent, then the server
+hangs up). The extra time should be the retry's backoff (0.5-1 s per file, several at once), and the
+extra bytes served none for 500 and none for a drop (resumed by range), never a second download.
+
+    .venv/bin/python benchmarks/hub.py --data /work/benchdata/pythia-160m --ends 5000:8000 --k 5 --fault 500
 """
 
 from __future__ import annotations
@@ -90,6 +97,35 @@ def lawa(source: list[str], args: argparse.Namespace, out: Path, *extra: str) ->
     return time.perf_counter() - t0, int(done.stderr.split()[-1]) * 1024 / 1e9
 
 
+def faulted(
+    server: HubServer, args: argparse.Namespace, tmp: Path, weights: list[Path], budget: int, clean_s: float, clean: int
+) -> list[str]:
+    """The same Hub run with one fault injected into the download of every weight file."""
+    server.requests.clear()
+    server.bytes_sent = 0
+    fault = {"status": 500} if args.fault == "500" else {"drop": True}
+    for f in weights:  # one per file of each revision, which ckptavg asks for by commit
+        commit = server.branches(REPO)[f.parent.name]
+        server.inject("download", 1, file=f"{commit}/{f.name}", **fault)
+    hub_s, _ = lawa(
+        ["--repo", REPO, "--endpoint", server.url, "--cache-dir", str(tmp / "cache")],
+        args,
+        tmp / "out",
+        "--disk-budget",
+        str(budget),
+    )
+    left = server.pending().get("download", 0)
+    server.queued["download"].clear()
+    gets = [r for r in server.requests if r.startswith("GET") and re.search(r"\.bin( \[bytes=\d+-\])?$", r)]
+    resumed = [r for r in gets if re.search(r"\[bytes=[1-9]\d*-\]$", r)]
+    return [
+        f"| &nbsp; with one {'HTTP 500' if args.fault == '500' else 'dropped body'} per weight file "
+        f"({len(weights) - left} injected) | {hub_s:.1f} s ({hub_s - clean_s:+.1f} s against the fault-free run) |",
+        f"| &nbsp; &nbsp; weight GETs, resumed by range, bytes served | {len(gets)}, {len(resumed)}, "
+        f"{server.bytes_sent / 1e9:.3f} GB ({(server.bytes_sent - clean) / 1e6:+.1f} MB against the fault-free run) |",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="a run folder of step{N}/ checkpoints")
@@ -98,6 +134,12 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=1, help="serve each checkpoint in this many .bin shards")
     ap.add_argument("--budgets", default="window", help="comma list: window, min, or bytes")
     ap.add_argument("--rate", type=float, default=0, help="MB/s per connection, as a CDN limits a stream [none]")
+    ap.add_argument(
+        "--fault",
+        choices=["500", "drop"],
+        default=None,
+        help="run each budget again with one HTTP 500 (or one dropped body) per weight file download",
+    )
     args = ap.parse_args()
     start, end = (int(x) for x in args.ends.split(":"))
     steps = sorted({e - i * 1000 for e in range(start, end + 1, 1000) for i in range(args.k)})
@@ -142,6 +184,7 @@ def main() -> None:
                 }.get(name) or int(name)
                 cache = tmpd / f"cache{i}"
                 server.requests.clear()
+                server.bytes_sent = 0
                 with PeakSize(cache, every=0.01) as sampled:
                     hub_s, hub_rss = lawa(
                         ["--repo", REPO, "--endpoint", server.url, "--cache-dir", str(cache)],
@@ -150,6 +193,7 @@ def main() -> None:
                         "--disk-budget",
                         str(budget),
                     )
+                clean_bytes = server.bytes_sent
                 gets = [r for r in server.requests if r.startswith("GET") and re.search(r"\.bin( \[bytes=\d+-\])?$", r)]
                 ranges = [tuple(map(int, m)) for r in server.requests for m in re.findall(r"\[bytes=(\d+)-(\d+)\]$", r)]
                 header = sum(b + 1 - a for a, b in ranges)
@@ -165,6 +209,8 @@ def main() -> None:
                     f"| &nbsp; read by planning | {header / 1e6:.2f} MB in {len(ranges)} range requests "
                     f"({header / sum(f.stat().st_size for f in weights):.1e} of the weight bytes) |",
                 ]
+                if args.fault:
+                    rows += faulted(server, args, tmpd / f"faulted{i}", weights, budget, hub_s, clean_bytes)
         print("\n".join(rows))
 
 

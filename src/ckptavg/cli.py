@@ -279,6 +279,15 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--cache-dir", default=None, help="Download cache [default: huggingface_hub's, under HF_HOME]."
             ),
+            click.option(
+                "--retry-time",
+                type=click.FloatRange(min=0),
+                default=600,
+                show_default=True,
+                metavar="SECONDS",
+                help="Keep retrying a Hub request that fails with HTTP 429/5xx or a dropped connection for this "
+                "long without progress, then stop with one line (the same command resumes).",
+            ),
         ]
     ):
         f = opt(f)
@@ -309,6 +318,7 @@ def _source(kw: dict[str, Any]) -> Any:
             cache_dir=kw["cache_dir"],
             template=kw["revision_template"],
             allow_legacy=kw["allow_legacy_pickle"],
+            retry_time=kw["retry_time"],
         )
     if not kw.get("run"):
         raise click.UsageError("give a RUN folder, or --repo ORG/NAME")

@@ -117,6 +117,6 @@ def open_hub_run(repo: str, **options: Any) -> Run:
     from ckptavg.tokens import clean_token
 
     options["token"] = clean_token(options.get("token"), "the token argument")  # a header, not a traceback
-    hub = HubSource(repo, **options)  # endpoint, token, cache_dir, template, allow_legacy
+    hub = HubSource(repo, **options)  # endpoint, token, cache_dir, template, allow_legacy, retry_time
     paths = {step: Path(name) for step, (name, _) in hub.revisions.items()}
     return Run(repo, "hub", paths, hub.allow_legacy, opener=hub.plan_checkpoint, summary=hub.summary)

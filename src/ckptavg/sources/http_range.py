@@ -3,22 +3,35 @@
 A checkpoint's header is small and sits at known places: a safetensors header at the start; a torch
 zip's directory at the end and its pickle near the start. Reading them through aligned, cached blocks
 costs two or three requests per file, where downloading the file would cost gigabytes. Requests go
-through huggingface_hub's session and retry policy, so tokens, redirects, proxies and transient
-failures are handled as for any download.
+through huggingface_hub's session (tokens, redirects, proxies as for any download) and ckptavg's retry
+policy (``retry.py``), which retries 429, 5xx, dropped and stalled connections.
 """
 
 from __future__ import annotations
 
 import io
 
+from ckptavg.sources.retry import BodyCutShort, RetryPolicy
+
 BLOCK = 1 << 16
 
 
 class RangeReader(io.RawIOBase):
-    def __init__(self, url: str, size: int, headers: dict[str, str], *, block: int = BLOCK) -> None:
+    def __init__(
+        self,
+        url: str,
+        size: int,
+        headers: dict[str, str],
+        *,
+        retry: RetryPolicy | None = None,
+        where: str = "",
+        block: int = BLOCK,
+    ) -> None:
         self.url = url
         self.size = size
         self.headers = headers
+        self.retry = retry or RetryPolicy()
+        self.where = where or url
         self.block = block
         self.pos = 0
         self.blocks: dict[int, bytes] = {}
@@ -63,15 +76,10 @@ class RangeReader(io.RawIOBase):
     def _block(self, index: int) -> bytes:
         data = self.blocks.get(index)
         if data is None:
-            from huggingface_hub.utils import hf_raise_for_status, http_backoff
-
             first = index * self.block
             last = min(first + self.block, self.size) - 1
-            response = http_backoff("GET", self.url, headers={**self.headers, "Range": f"bytes={first}-{last}"})
-            hf_raise_for_status(response)
-            body = response.content
-            if response.status_code == 200:  # a server that ignores Range sends the whole file
-                body = body[first : last + 1]
+            action = f"reading bytes {first}-{last} (its header)"
+            body = self.retry.call(lambda: self._get(first, last), where=self.where, action=action)
             if len(body) != last + 1 - first:
                 raise OSError(
                     f"{self.url}: asked for bytes {first}-{last} and got {len(body)} bytes; "
@@ -79,3 +87,22 @@ class RangeReader(io.RawIOBase):
                 )
             data = self.blocks[index] = body
         return data
+
+    def _get(self, first: int, last: int) -> bytes:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session, hf_raise_for_status
+
+        response = get_session().get(
+            self.url,
+            headers={**self.headers, "Range": f"bytes={first}-{last}"},
+            timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+            follow_redirects=True,
+        )
+        hf_raise_for_status(response)
+        body = response.content
+        promised = response.headers.get("Content-Length")
+        if promised is not None and promised.isdigit() and len(body) < int(promised):
+            raise BodyCutShort(f"{len(body)} of {promised} bytes")  # the HTTP library may pass a cut body
+        if response.status_code == 200:  # a server that ignores Range sends the whole file
+            body = body[first : last + 1]
+        return body

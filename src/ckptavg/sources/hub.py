@@ -2,31 +2,56 @@
 
 Planning reads the revision list, file lists, the small index files of sharded checkpoints and each
 weight file's header (by HTTP range): every tensor's name, shape and dtype is checked before any
-weight is downloaded. Averaging then downloads weight files with ``huggingface_hub`` into its usual
-cache, shard by shard (see ``schedule.py``), and reads them like local files. Provenance names the
-repository, each revision and its commit hash, never a token.
+weight is downloaded. Averaging then downloads files into huggingface_hub's cache layout
+(``blobs/<etag>`` linked from ``snapshots/<commit>/<file>``), shard by shard (see ``schedule.py``), and
+reads them like local files. Provenance names the repository, each revision and its commit hash, never
+a token.
+
+Every request goes through one retry policy (``retry.py``). Every value from the server that becomes
+part of a path (file names, index entries, revision names, commit hashes, ETags) is checked first.
+Downloads go to a file of this process's own and are published by rename, so no correctness rests on
+file locks, which Lustre, GPFS and some NFS mounts do not honour (see ``_download_blob``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import secrets
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, cast
+from urllib.parse import quote, urlsplit
 
-from ckptavg.errors import CheckpointFormatError, CkptavgError
+from ckptavg.errors import CheckpointFormatError, CkptavgError, HubError, UnsafeServerValueError
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo
 from ckptavg.sources.hf_folder import WEIGHT_FILES, open_weight_file
 from ckptavg.sources.http_range import RangeReader
+from ckptavg.sources.retry import BodyCutShort, RetryPolicy
 from ckptavg.sources.safetensors_file import read_safetensors_header
 from ckptavg.sources.torch_file import read_torch_structure, state_dict_entries
 
 _EXTRA = re.compile(
     r"^(config\.json|generation_config\.json|special_tokens_map\.json|tokenizer.*|vocab\..*|merges\.txt)$"
 )
+
+
+# A partial download left by another host counts as abandoned once unmodified this long. A live download
+# writes every few seconds and waits at most a minute between retries (``RetryPolicy.max_delay``); half
+# an hour leaves room for clocks that differ between nodes. Adopting a live one is still safe: both
+# processes write the same bytes at the same offsets, and an adopted partial is checked against its
+# ETag (a sha256) before it is published.
+STALE_PARTIAL_SECONDS = 30 * 60
+_PARTIAL = re.compile(r"^(?P<etag>[^.]+)(?:\.ckptavg-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8})?\.incomplete$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_ETAG = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -48,10 +73,13 @@ class HubSource:
         cache_dir: str | None = None,
         template: str = "step{step}",
         allow_legacy: bool = False,
+        retry_time: float | None = None,
+        retry: RetryPolicy | None = None,
     ):
         from huggingface_hub import HfApi
 
         self.repo = repo
+        self.retry = retry or RetryPolicy.with_total(retry_time)
         self.endpoint = endpoint
         self.token = token
         self.cache_dir = cache_dir
@@ -66,11 +94,19 @@ class HubSource:
         if self.offline:  # HF_HUB_OFFLINE=1: the revisions this cache has seen, as the client recorded them
             refs_dir = self.repo_cache / "refs"
             names = {p.name: p.read_text().strip() for p in refs_dir.iterdir()} if refs_dir.is_dir() else {}
+            source = f"the cache's {refs_dir}"
         else:
-            refs = self._call(lambda: self.api.list_repo_refs(repo), what="list its revisions")
+            _check_cache_dir(Path(cache_dir or constants.HF_HUB_CACHE))
+            refs = self._call(
+                lambda: self.retry.call(lambda: self.api.list_repo_refs(repo), where=repo, action="listing its refs"),
+                what="list its revisions",
+            )
             names = {b.name: b.target_commit for b in [*refs.branches, *refs.tags]}
+            source = "the refs listing"
         self.revisions: dict[int, tuple[str, str]] = {}
         for name, commit in names.items():
+            _check_path(name, f"{repo}: revision name", source)
+            _check_commit(commit, f"{repo}@{name}", source)
             m = pattern.match(name)
             if m:
                 self.revisions[int(m.group(1))] = (name, commit)
@@ -119,7 +155,8 @@ class HubSource:
                 raise CkptavgError(f"{where}: cannot {what} ({e.__class__.__name__}: {first})") from e
             raise
 
-    def _download(self, step: int, filename: str) -> Path:
+    def _download_cached(self, step: int, filename: str) -> Path:
+        """Offline (HF_HUB_OFFLINE=1): the client finds the file in its cache without any request."""
         from huggingface_hub import hf_hub_download
 
         name, commit = self.revisions[step]
@@ -128,7 +165,7 @@ class HubSource:
                 lambda: hf_hub_download(
                     self.repo,
                     filename,
-                    revision=name,  # by name, so the cache records the branch for HF_HUB_OFFLINE
+                    revision=name,
                     cache_dir=self.cache_dir,
                     endpoint=self.endpoint,
                     token=self.token,
@@ -140,30 +177,38 @@ class HubSource:
             raise CkptavgError(f"{self.repo}@{name} moved to another commit while this run used it; run it again")
         return path
 
-    def _download_resumable(self, step: int, filename: str, size: int) -> Path:
-        """A weight file into the cache as ``hf_hub_download`` lays it out, but through a partial file
-        that outlives the process: huggingface_hub 2.x resumes a dropped connection within one call,
-        yet deletes its partial file when the call fails, so a killed 10 GB download would start over.
-        Here ``blobs/<etag>.incomplete`` stays, and the next run continues it by HTTP range."""
+    def _download(self, step: int, filename: str, size: int | None) -> Path:
+        """A file into the cache as ``hf_hub_download`` lays it out: ``blobs/<etag>``, linked from
+        ``snapshots/<commit>/<file>``, and ``refs/<revision>`` (so HF_HUB_OFFLINE finds it later).
 
+        Not through ``hf_hub_download``: it retries on its own (a double retry under two clocks) and
+        deletes its partial file when a call fails, so a killed 10 GB download would start over."""
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
         name, commit = self.revisions[step]
+        where = f"{self.repo}@{name}/{filename}"
         url = hf_hub_url(self.repo, filename, revision=commit, endpoint=self.endpoint)
-        meta = get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint)
-        if meta.size != size:
-            raise CkptavgError(
-                f"{self.repo}@{name}/{filename}: the server announces {meta.size} bytes but listed {size}"
-            )
-        if meta.etag is None or meta.location is None:
-            raise CkptavgError(f"{self.repo}@{name}/{filename}: the server sent no ETag; cannot cache it")
+        meta = self.retry.call(
+            lambda: get_hf_file_metadata(url, token=self.token, endpoint=self.endpoint),
+            where=where,
+            action="asking for its size and ETag (HEAD)",
+        )
+        if size is not None and meta.size != size:
+            raise CkptavgError(f"{where}: the server announces {meta.size} bytes but listed {size}")
+        if meta.etag is None or meta.location is None or meta.size is None:
+            raise CkptavgError(f"{where}: the server sent no ETag or size; cannot cache it")
+        if meta.commit_hash is not None and meta.commit_hash != commit:
+            _check_commit(meta.commit_hash, where, "the X-Repo-Commit of its HEAD")
+            raise CkptavgError(f"{self.repo}@{name} moved to another commit while this run used it; run it again")
+        etag = _check_etag(meta.etag, where, "the ETag of its HEAD")
         blobs = self.repo_cache / "blobs"
-        blob = blobs / meta.etag
+        blob = blobs / etag
         link = self.repo_cache / "snapshots" / commit / filename
         blobs.mkdir(parents=True, exist_ok=True)
-        partial = blobs / f"{meta.etag}.incomplete"
         while True:
-            self._fetch_blob(blob, partial, meta.location, filename, size)
+            with self._blob_lock(etag):  # only so that two tasks on one node download it once
+                if not blob.exists():
+                    self._download_blob(blob, meta.location, meta.size, where)
             with self._repo_lock(exclusive=False):
                 if not blob.exists():  # deleted by another process in between: fetch it again
                     continue
@@ -179,25 +224,111 @@ class HubSource:
             ref.write_text(commit)
         return link
 
-    def _fetch_blob(self, blob: Path, partial: Path, url: str, filename: str, size: int) -> None:
-        """Download into ``blob`` through ``partial``, unless it is there; one process at a time."""
+    def _download_blob(self, blob: Path, url: str, size: int, where: str) -> None:
+        """Download ``blob`` into a partial file named for this process (host, pid, random) with
+        positional writes at the offsets received, then publish it by ``os.replace`` once its size is
+        checked. Where locks are not honoured two processes may both download a file: each writes its
+        own partial, and either rename leaves the same bytes. A partial of a run that was killed (its
+        process is gone, or it was left untouched for ``STALE_PARTIAL_SECONDS`` on another host) is
+        adopted by renaming it, and continued by HTTP range."""
+        etag = blob.name
+        mine = blob.parent / f"{etag}.ckptavg-{_host()}-{os.getpid()}-{secrets.token_hex(4)}.incomplete"
+        adopted = _adopt_partial(blob.parent, etag, mine)
+        fd = os.open(mine, os.O_RDWR | os.O_CREAT, 0o644)
+        published = False
+        try:
+            have = os.fstat(fd).st_size
+            if have > size:  # not a prefix of this file
+                os.ftruncate(fd, 0)
+                have = 0
+            attempts = self.retry.attempts(where, "downloading it")
+            while True:
+                while have < size:
+                    got = [have]
+                    try:
+                        self._get_into(url, fd, have, size, got, where)
+                    except Exception as e:
+                        if got[0] > have:
+                            attempts.progressed()
+                        have = max(have, got[0])
+                        if not attempts.retry(e):
+                            raise
+                    have = max(have, got[0])
+                if adopted and _SHA256.fullmatch(etag) and _sha256(fd) != etag:
+                    os.ftruncate(fd, 0)  # what another process left was not this file's bytes: start over
+                    have, adopted = 0, False
+                    continue
+                break
+            if os.fstat(fd).st_size != size:
+                raise HubError(f"{where}: downloaded {os.fstat(fd).st_size} bytes, expected {size}")
+            os.fsync(fd)  # the bytes are durable before the name that vouches for them
+            try:
+                os.replace(mine, blob)
+            except FileNotFoundError as e:  # another process took our partial for abandoned and finished it
+                if not blob.exists():
+                    raise HubError(f"{where}: another process took over this download; run the command again") from e
+            published = True
+        finally:
+            os.close(fd)
+            if not published:
+                try:
+                    if mine.stat().st_size == 0:  # keep bytes for a later run to continue; not an empty file
+                        mine.unlink()
+                except FileNotFoundError:
+                    pass
+        for p, _ in _abandoned_partials(blob.parent, etag):  # others' leftovers of the same file
+            p.unlink(missing_ok=True)
+
+    def _get_into(self, url: str, fd: int, start: int, size: int, got: list[int], where: str) -> None:
+        """One GET of the file from byte ``start``, written at its offsets; ``got[0]`` follows the
+        bytes written, so a dropped connection is continued from there."""
+        from huggingface_hub import constants
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        # The token goes to the Hub, not to a storage host its HEAD redirected to (a signed URL needs none).
+        same_host = urlsplit(url).netloc == urlsplit(self.api.endpoint).netloc
+        headers = build_hf_headers(token=self.token if same_host else False)
+        headers["Accept-Encoding"] = "identity"  # the bytes of the file, counted as its size counts them
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        with get_session().stream(
+            "GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True
+        ) as response:
+            hf_raise_for_status(response)
+            offset = start if response.status_code == 206 else 0  # 200: the server ignored Range
+            length = response.headers.get("Content-Length")
+            if length is not None and (not length.isdigit() or offset + int(length) != size):
+                sent = f"{offset + int(length)} bytes" if length.isdigit() else f"Content-Length {length!r}"
+                raise HubError(
+                    f"{where}: the server sends {sent} of a file its HEAD announced as {size} bytes; "
+                    "it may have changed on the server: run the same command again"
+                )
+            for chunk in response.iter_bytes():
+                if offset + len(chunk) > size:
+                    raise HubError(f"{where}: the server sent more than the {size} bytes it announced")
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    offset += n
+                    view = view[n:]
+                got[0] = offset
+        if offset < size:
+            raise BodyCutShort(f"after {offset} of {size} bytes")
+
+    @contextmanager
+    def _blob_lock(self, etag: str) -> Iterator[None]:
+        """An exclusive flock while a blob is downloaded: on a node where locks work, a second task
+        waits and then finds the file there. Correctness never rests on it."""
         import fcntl
 
-        while not blob.exists():
-            with open(partial, "a+b") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)  # another process may be fetching the same file: wait for it
-                try:
-                    current = os.stat(partial).st_ino == os.fstat(f.fileno()).st_ino
-                except FileNotFoundError:
-                    current = False
-                if blob.exists():  # it finished while we waited; drop the empty file we may have made
-                    if current and os.fstat(f.fileno()).st_size == 0:
-                        partial.unlink()
-                    break
-                if not current:  # renamed or removed by the holder before us: open the new one
-                    continue
-                self._fetch_into(f, url, filename, size, partial)
-                os.replace(partial, blob)
+        path = self._lock_dir("blobs") / f"{etag}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def use(self, step: int, filename: str, size: int | None = None) -> tuple[Path, bool]:
         """One file of a revision in the cache, held in use until ``done_with``; and whether this call
@@ -216,12 +347,12 @@ class HubSource:
             fetched = not link.exists()
             if fetched:
                 (self._lock_dir(commit) / f"{filename}.ours").touch()  # ckptavg brings it in: ours to delete
-                if size is not None and not self.offline:
+                if not self.offline:
                     what = f"download {filename} of {name}"
-                    link = self._call(lambda: self._download_resumable(step, filename, size), what=what)
-                else:  # small files, and offline mode; the client links a blob that may be shared
+                    link = self._call(lambda: self._download(step, filename, size), what=what)
+                else:  # the client links a blob that may be shared
                     with self._repo_lock(exclusive=False):
-                        link = self._download(step, filename)
+                        link = self._download_cached(step, filename)
         except BaseException:
             os.close(fd)
             raise
@@ -275,39 +406,52 @@ class HubSource:
         # Under the cache's .locks, which huggingface_hub's cache scanning skips.
         return self.repo_cache.parent / ".locks" / "ckptavg" / self.repo_cache.name / commit
 
-    def _fetch_into(self, f: BinaryIO, url: str, filename: str, size: int, partial: Path) -> None:
-        """Continue a partial download held open (and locked) as ``f``, by HTTP range."""
-        from huggingface_hub.file_download import http_get
-        from huggingface_hub.utils import build_hf_headers
-
-        resume = f.seek(0, os.SEEK_END)
-        if resume > size:  # not a prefix of this file: start again
-            f.truncate(0)
-            resume = f.seek(0)
-        try:
-            http_get(
-                url,
-                f,
-                resume_size=resume,
-                headers=build_hf_headers(token=self.token),
-                expected_size=size,
-                displayed_filename=filename,
-            )
-        except BaseException:
-            if f.seek(0, os.SEEK_END) == 0:
-                partial.unlink(missing_ok=True)
-            raise
-        f.flush()
-
     def files(self, step: int) -> dict[str, int]:
         """The files of a step's revision and their sizes, as the server lists them (or the cache holds)."""
         name, commit = self.revisions[step]
         if self.offline:
             snapshot = self.repo_cache / "snapshots" / commit
-            files = [p for p in snapshot.rglob("*") if p.is_file()] if snapshot.is_dir() else []
-            return {str(p.relative_to(snapshot)): p.stat().st_size for p in files}
-        listing = self._call(lambda: list(self.api.list_repo_tree(self.repo, revision=commit)), what=f"list {name}")
-        return {f.path: f.size for f in listing if getattr(f, "size", None) is not None}
+            cached = [p for p in snapshot.rglob("*") if p.is_file()] if snapshot.is_dir() else []
+            return {str(p.relative_to(snapshot)): p.stat().st_size for p in cached}
+        listing = self._call(lambda: self._list_tree(name, commit), what=f"list {name}")
+        files: dict[str, int] = {}
+        for entry in listing:
+            if not isinstance(entry, dict) or entry.get("type") != "file":
+                continue
+            path = _check_path(entry.get("path"), f"{self.repo}@{name}: file name", "the tree listing")
+            if isinstance(entry.get("size"), int):
+                files[path] = entry["size"]
+        return files
+
+    def _list_tree(self, name: str, commit: str) -> list[Any]:
+        """The tree listing's entries, page by page, each page under the retry policy (``HfApi.list_repo_tree``
+        would retry each page itself first, for up to 23 s)."""
+        from huggingface_hub import constants
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        headers = build_hf_headers(token=self.token)
+        url: str | None = f"{self.api.endpoint}/api/models/{self.repo}/tree/{quote(commit, safe='')}"
+        params: dict[str, str] | None = {"recursive": "false", "expand": "false"}
+        entries: list[Any] = []
+        while url is not None:
+
+            def page(url: str = url, params: dict[str, str] | None = params) -> Any:
+                response = get_session().get(
+                    url, params=params, headers=headers, timeout=constants.HF_HUB_ETAG_TIMEOUT, follow_redirects=True
+                )
+                hf_raise_for_status(response)
+                return response
+
+            response = self.retry.call(page, where=f"{self.repo}@{name}", action="listing its files")
+            try:
+                body = response.json()
+            except ValueError as e:
+                raise HubError(f"{self.repo}@{name}: the tree listing is not JSON") from e
+            if not isinstance(body, list):
+                raise HubError(f"{self.repo}@{name}: the tree listing is not a list")
+            entries += body
+            url, params = response.links.get("next", {}).get("url"), None
+        return entries
 
     def weight_files(self, step: int, sizes: dict[str, int]) -> tuple[str, list[str]]:
         """The format of a revision's weights and their files (the shards an index names)."""
@@ -329,7 +473,8 @@ class HubSource:
         finally:
             self.done_with(step, weight)
         for shard in shards:
-            if not isinstance(shard, str) or shard not in sizes:
+            _check_path(shard, f"{self.repo}@{name}: {weight}'s weight_map entry", "the index file")
+            if shard not in sizes:
                 raise CheckpointFormatError(f"{self.repo}@{name}: {weight} names {shard}, which is not there")
         return fmt, shards
 
@@ -342,9 +487,11 @@ class HubSource:
         from huggingface_hub import hf_hub_url
         from huggingface_hub.utils import build_hf_headers
 
+        name, _ = self.revisions[step]
         url = hf_hub_url(self.repo, filename, revision=commit, endpoint=self.endpoint)
         headers = build_hf_headers(token=self.token)
-        return cast(BinaryIO, RangeReader(url, size, headers))
+        where = f"{self.repo}@{name}/{filename}"
+        return cast(BinaryIO, RangeReader(url, size, headers, retry=self.retry, where=where))
 
     def summary(self, step: int) -> tuple[str, int, int]:
         """Format, number of weight files and bytes to download (weights, config, tokenizer), for ``ls``."""
@@ -457,3 +604,109 @@ def _evict(link: Path) -> None:
     snapshots = blob.parent.parent / "snapshots"
     if not any(p.is_symlink() and p.resolve() == blob for p in snapshots.rglob("*")):
         blob.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- values from the server, before paths
+
+
+def _check_path(value: object, what: str, source: str) -> str:
+    """A file name (or revision name) from the server: a relative path of plain parts, so that
+    ``snapshots/<commit>/<value>`` and ``refs/<value>`` stay inside the repository's cache folder."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or "\\" in value
+        or _CONTROL.search(value)
+        or value.startswith("/")
+        or any(part in ("", ".", "..") for part in value.split("/"))
+    ):
+        raise UnsafeServerValueError(
+            f"{what} {value!r} from {source} is not a relative path inside the repository; refusing it"
+        )
+    return value
+
+
+def _check_commit(value: object, where: str, source: str) -> str:
+    if not isinstance(value, str) or not _COMMIT.fullmatch(value):
+        raise UnsafeServerValueError(f"{where}: commit hash {value!r} from {source} is not 40 hex digits; refusing it")
+    return value
+
+
+def _check_etag(value: str, where: str, source: str) -> str:
+    if not _ETAG.fullmatch(value):
+        raise UnsafeServerValueError(
+            f"{where}: {source} {value!r} is not a safe file name (letters, digits, '.', '_', '-'); refusing it"
+        )
+    return value
+
+
+def _check_cache_dir(path: Path) -> None:
+    """The download cache must be (or can become) a writable folder: one line, not a traceback later."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CkptavgError(f"{path}: cannot be the download cache: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CkptavgError(f"{path}: cannot be the download cache: {probe} is not writable")
+
+
+# ---------------------------------------------------------------- partial downloads
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _abandoned_partials(blobs: Path, etag: str) -> list[tuple[Path, int]]:
+    """Partial downloads of ``etag`` whose owner is gone (this host, pid not running) or that nobody
+    has touched for ``STALE_PARTIAL_SECONDS`` (another host, or an older ckptavg's ``<etag>.incomplete``),
+    with their sizes, largest first."""
+    found = []
+    host, now = _host(), time.time()
+    for p in blobs.glob(f"{etag}.*incomplete"):
+        m = _PARTIAL.fullmatch(p.name)
+        if m is None or m["etag"] != etag:
+            continue
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if m["host"] == host and m["pid"] is not None:
+            if _alive(int(m["pid"])):
+                continue
+        elif now - st.st_mtime < STALE_PARTIAL_SECONDS:
+            continue
+        found.append((p, st.st_size))
+    return sorted(found, key=lambda f: -f[1])
+
+
+def _adopt_partial(blobs: Path, etag: str, mine: Path) -> bool:
+    """Take the largest abandoned partial of ``etag`` as ``mine`` by renaming it (atomic: of two
+    processes adopting the same file, one gets it and the other finds it gone)."""
+    for p, _ in _abandoned_partials(blobs, etag):
+        try:
+            os.rename(p, mine)
+        except FileNotFoundError:
+            continue
+        return True
+    return False
+
+
+def _sha256(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, 1 << 24, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest()
