@@ -42,6 +42,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("CKPTAVG_DEBUG", raising=False)
+    monkeypatch.setenv("CKPTAVG_RETRY_BASE", "0.01")  # retries wait milliseconds (a 503 is retried)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     import huggingface_hub.constants
 
@@ -278,7 +279,7 @@ def test_debug_tracebacks_of_a_failing_hub_run_hold_no_token(
         monkeypatch.setenv("HF_TOKEN", f"{SECRET}\r\n")
     hub.faults["status"] = 503
     try:
-        down = ls(hub, tmp_path, *extra)
+        down = ls(hub, tmp_path, *extra, "--retry-time", "0.2")
     finally:
         del hub.faults["status"]
     missing = CliRunner().invoke(cli, ["ls", "--repo", "Nobody/nothing", "--endpoint", hub.url, *extra])
@@ -286,7 +287,7 @@ def test_debug_tracebacks_of_a_failing_hub_run_hold_no_token(
         assert r.exit_code == 1 and r.stdout == ""
         assert "Traceback (most recent call last)" in r.stderr
         assert_secret_absent(r.stderr)
-    assert "ckptavg.errors.CkptavgError: Org/private-run on" in down.stderr and "HTTP 503" in down.stderr
+    assert "ckptavg.errors.HubUnavailableError: Org/private-run" in down.stderr and "HTTP 503" in down.stderr
     assert "Nobody/nothing" in missing.stderr and "repository not found" in missing.stderr
 
 

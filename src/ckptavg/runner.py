@@ -97,8 +97,8 @@ def execute(
 
         def abort_writers() -> None:
             if failure:
-                for w in writers:
-                    w.abort(keep=keep())
+                for w in writers:  # a folder with nothing finished in it is no progress to keep
+                    w.abort(keep=keep() and w.tensors_done > 0)
 
         # Callbacks run last-registered first: folders are removed after the writers' temporary folders.
         stack.callback(remove_created)
@@ -174,9 +174,7 @@ def execute(
                     str(plan.outputs[j]), f"{plan.method}, {span}", sum(plan.members[m].nbytes for m in members)
                 )
         except BaseException as e:
-            failure.append(e)
-            if keeps_progress(e):
-                rep.log("finished work is kept: run the same command again to resume")
+            failure.append(e)  # its message says what to do (a HubUnavailableError: run it again to resume)
             raise
     rep.log(f"done in {time.perf_counter() - t0:.1f} s")
 

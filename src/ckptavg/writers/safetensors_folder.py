@@ -97,6 +97,11 @@ class FolderWriter:
         layout = [[[n, list(i.shape), str(i.dtype)] for n, i in shard] for shard in self.shards]
         self.layout_id = hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
+    @property
+    def tensors_done(self) -> int:
+        """Tensors (in layout order) fully written so far, by this run or the one it resumed."""
+        return self._done
+
     def open(self) -> int:
         """Create the temporary folder, or take up the one a killed run of the same plan left behind.
 
