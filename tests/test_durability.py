@@ -149,15 +149,16 @@ def test_a_power_loss_at_any_commit_point_resumes_to_the_same_bits(lawa, tmp_pat
 
     monkeypatch.setattr(FolderWriter, "commit", commit)
     monkeypatch.setattr(FolderWriter, "open", open_)
-    # A durable point every ~1.5 tensors: between them, records that a power loss must not believe.
-    monkeypatch.setattr(FolderWriter, "sync_bytes", 30_000)
+    # A durable point after a and c: the records after b, d and e count bytes a power loss may take.
+    monkeypatch.setattr(FolderWriter, "sync_bytes", 15_000)
     monkeypatch.setattr(FolderWriter, "sync_seconds", 1e9)
 
     counting = PageCache(out, crash_at=0, keep_record=keep_record)
     monkeypatch.setattr(FolderWriter, "ops", counting)
     api.average(plan(out), opts)
     assert folder_bytes(out) == reference
-    assert counting.points == 2 * (1 + len(SHAPES)) + 2  # per output: open, each tensor, commit
+    # Per output: the record at open, one per tensor, one per durable point, the commit.
+    assert counting.points == 2 * (1 + len(SHAPES) + 2 + 1)
 
     for n in range(1, counting.points + 1):
         shutil.rmtree(out)
@@ -223,7 +224,7 @@ HOOK = """
 import os, signal
 from ckptavg.writers import FolderWriter
 
-FolderWriter.sync_bytes = 30_000  # some records durable, some not: both paths get killed in
+FolderWriter.sync_bytes = 10_000  # a durable point after the first tensor: a kill in it, too
 calls = 0
 kill_at = int(os.environ["CKPTAVG_TEST_KILL_AT"])
 
@@ -285,7 +286,8 @@ def test_a_run_killed_at_any_commit_point_resumes_to_the_same_bits(tmp_path: Pat
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(textwrap.dedent(HOOK))
 
-    points = list(range(1, 1 + 1 + len(shapes) + 1))  # the record at open, one per tensor, the commit
+    # The record at open, one per tensor, one at the durable point, the commit.
+    points = list(range(1, 1 + 1 + len(shapes) + 1 + 1))
     problems: list[str] = []
     threads = [
         threading.Thread(target=_kill_at, args=(points[i::2], run, tmp_path, reference, problems)) for i in range(2)

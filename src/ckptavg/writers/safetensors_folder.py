@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,9 @@ class FolderWriter:
         self._unsynced = 0  # bytes written since the last durable point
         self._synced_at = 0.0
         self._dirs_synced = False
+        self._syncer: threading.Thread | None = None  # the durable point in progress, off the writer thread
+        self._sync_error: BaseException | None = None
+        self._record_lock = threading.Lock()  # the writer thread and the syncer both write the record
         with_aliases = list(tensors) + [(a, dict(tensors)[c]) for a, c in aliases.items()]
         self.aliases_of: dict[str, list[str]] = {}
         for a, c in aliases.items():
@@ -221,22 +225,40 @@ class FolderWriter:
     def tensor_done(self, count: int) -> None:
         """Record that the first ``count`` tensors were fully passed to ``write``: what a rerun after a
         kill may skip at once, and after a power loss once it is durable (every ``sync_bytes`` or
-        ``sync_seconds``, a durable point).
+        ``sync_seconds`` a durable point starts, on a thread of its own so that the fsync, which waits
+        for the disk, does not stall the writes behind it).
 
         Never goes back: a Hub run's unit may rewrite tensors this output already has, for a
         neighbouring output that had fewer (with the same bytes, so a claim made stays true)."""
         self._done = max(count, self._done)
-        if self._unsynced >= self.sync_bytes or time.monotonic() - self._synced_at >= self.sync_seconds:
-            self.sync()
-        else:
-            try:
-                self._write_record()
-            except OSError as e:
-                raise _os_error(e, self.final, self.total_size) from e
+        try:
+            self._write_record()
+            if self._unsynced >= self.sync_bytes or time.monotonic() - self._synced_at >= self.sync_seconds:
+                self._join_syncer()  # one at a time: a disk slower than the writes holds them back
+                self._unsynced = 0
+                self._synced_at = time.monotonic()
+                self._syncer = threading.Thread(
+                    target=self._durable_point, args=(self._done,), name="ckptavg-sync", daemon=True
+                )
+                self._syncer.start()
+        except OSError as e:
+            raise _os_error(e, self.final, self.total_size) from e
 
     def sync(self) -> None:
-        """A durable point: fsync the data, then write and fsync the record that counts it."""
-        count = self._done
+        """A durable point now, on the caller's thread: every tensor reported done is on disk, and so is
+        the record that says so. Call it from the writer thread, or once the writes are over."""
+        try:
+            self._join_syncer()
+            self._durable_point(self._done)
+            self._join_syncer()  # raises what the durable point raised
+        except OSError as e:
+            raise _os_error(e, self.final, self.total_size) from e
+        self._unsynced = 0
+        self._synced_at = time.monotonic()
+
+    def _durable_point(self, count: int) -> None:
+        """fsync the data, then write and fsync a record whose durable count is ``count``: the tensors
+        whose bytes had all been written before this began."""
         try:
             for fd in self.fds:
                 self.ops.fsync(fd)
@@ -247,14 +269,21 @@ class FolderWriter:
             self._durable = max(self._durable, count)
             self._write_record()
             self.ops.fsync(self._progress)
-        except OSError as e:
-            raise _os_error(e, self.final, self.total_size) from e
-        self._unsynced = 0
-        self._synced_at = time.monotonic()
+        except BaseException as e:  # raised again on the writer thread, by the next _join_syncer
+            self._sync_error = e
+
+    def _join_syncer(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
+        if self._sync_error is not None:
+            e, self._sync_error = self._sync_error, None
+            raise e
 
     def _write_record(self) -> None:
-        record = _record(self.provenance.get("plan_id"), self.layout_id, self._done, self._durable, self._boot)
-        _pwrite_all(self.ops, self._progress, record, 0)
+        with self._record_lock:  # the newest counts, so the file never goes back to an older pair
+            record = _record(self.provenance.get("plan_id"), self.layout_id, self._done, self._durable, self._boot)
+            _pwrite_all(self.ops, self._progress, record, 0)
 
     def _resumable(self) -> tuple[int, int] | None:
         """(tensors a rerun may skip, of which durable) from a record of this plan and layout, else None."""
@@ -312,6 +341,7 @@ class FolderWriter:
         """Make every file in the folder durable, then rename it into place (and make that durable)."""
         ops = self.ops
         try:
+            self._join_syncer()
             if len(self.shards) > 1:
                 weight_map = {n: self.names[i] for i, s in enumerate(self.shards) for n, _ in s}
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
@@ -352,11 +382,13 @@ class FolderWriter:
     def abort(self, keep: bool = False) -> None:
         """Close everything; remove the temporary folder unless ``keep`` (to resume it later, from what
         is durable: a best-effort ``sync`` first)."""
-        if keep and self._progress >= 0:
-            try:
+        try:
+            if keep and self._progress >= 0:
                 self.sync()
-            except OutputError:
-                pass
+            else:
+                self._join_syncer()  # it uses the files closed below
+        except (OSError, OutputError):
+            pass
         for fd in [*self.fds, self._progress]:
             if fd >= 0:
                 try:
