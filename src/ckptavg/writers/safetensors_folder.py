@@ -12,15 +12,15 @@ written. A run killed outright (SIGKILL, out of memory, a lost node) leaves that
 same command later resumes after the last finished tensor instead of starting over.
 
 Crash consistency is an ordering: the record holds two counts, and neither claims bytes a rerun could
-miss. ``durable`` only advances at a durable point (every ``sync_bytes`` written, or ``sync_seconds``):
-the data files are fsynced first, then the record is written and fsynced. ``tensors_done`` advances
-with every finished tensor, unsynced, and is tagged with the kernel's boot id: a rerun trusts it only
-under the same boot, where the page cache that holds those bytes is still the one every reader sees
-(the process was killed, the node was not). After a power loss or on another node the boot id differs
-and the rerun resumes from ``durable``. Any version of the record that reaches the disk is safe, since
-``durable`` is written only after the data it counts; a torn record fails its checksum and means "start
-over". All file operations go through ``FolderWriter.ops``, a seam the tests replace with a model of
-the page cache that forgets what was not fsynced.
+miss. ``durable`` only advances at a durable point (every ``sync_bytes`` written, or ``sync_seconds``,
+on a thread of its own): the data files are fsynced first, then the record is written and fsynced.
+``tensors_done`` advances with every finished tensor, unsynced, and is tagged with the kernel's boot id:
+a rerun trusts it only under the same boot, where the page cache that holds those bytes is still the
+one every reader sees (the process was killed, the node was not). After a power loss or on another node
+the boot id differs and the rerun resumes from ``durable``. Any version of the record that reaches the
+disk is safe, since ``durable`` is written only after the data it counts; a torn record fails its
+checksum and means "start over". All file operations go through ``FolderWriter.ops``, a seam the tests
+replace with a model of the page cache that forgets what was not fsynced.
 """
 
 from __future__ import annotations
@@ -112,13 +112,14 @@ def shard_names(n: int) -> list[str]:
 class FolderWriter:
     """One output folder; ``write`` chunks in any order, then ``commit`` or ``abort``.
 
-    ``write``, ``tensor_done`` and ``sync`` are called from one thread (the engine's writer thread).
+    ``write``, ``tensor_done`` and ``sync`` are called from one thread (the engine's writer thread);
+    a durable point runs on a thread of its own, joined by the next one, ``commit`` and ``abort``.
     """
 
     ops: FileOps = OsFileOps()
     # A durable point (fsync of the data, then of the record) once this many bytes were written since the
     # last one, or this long ago, whichever comes first: what a rerun after a power loss must redo, traded
-    # against fsyncs that stall the writer thread (benchmarks/results/durability.md has the measurements).
+    # against fsyncs, which wait for the disk (benchmarks/results/durability.md has the measurements).
     sync_bytes = 1 << 30
     sync_seconds = 60.0
 
