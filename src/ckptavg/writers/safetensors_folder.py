@@ -10,6 +10,17 @@ made it, which is how a rerun recognises finished outputs and skips them.
 The temporary name carries the plan's id, and a small ``progress.json`` in it counts the tensors fully
 written. A run killed outright (SIGKILL, out of memory, a lost node) leaves that folder behind, and the
 same command later resumes after the last finished tensor instead of starting over.
+
+Crash consistency is an ordering: the record holds two counts, and neither claims bytes a rerun could
+miss. ``durable`` only advances at a durable point (every ``sync_bytes`` written, or ``sync_seconds``,
+on a thread of its own): the data files are fsynced first, then the record is written and fsynced.
+``tensors_done`` advances with every finished tensor, unsynced, and is tagged with the kernel's boot id:
+a rerun trusts it only under the same boot, where the page cache that holds those bytes is still the
+one every reader sees (the process was killed, the node was not). After a power loss or on another node
+the boot id differs and the rerun resumes from ``durable``. Any version of the record that reaches the
+disk is safe, since ``durable`` is written only after the data it counts; a torn record fails its
+checksum and means "start over". All file operations go through ``FolderWriter.ops``, a seam the tests
+replace with a model of the page cache that forgets what was not fsynced.
 """
 
 from __future__ import annotations
@@ -20,8 +31,11 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -32,7 +46,43 @@ from ckptavg.sources.safetensors_file import DTYPE_NAMES
 
 TMP_MARK = ".ckptavg-tmp-"
 _PROGRESS = "progress.json"  # inside the temporary folder only; never in a finished output
-_PROGRESS_WIDTH = 128
+_PROGRESS_WIDTH = 256  # one sector; the record is written whole, at offset 0
+
+
+class FileOps(Protocol):
+    """The file operations whose durability matters; ``os`` by default, a page-cache model in tests."""
+
+    def open(self, path: Path, flags: int, mode: int) -> int: ...
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int: ...
+    def fallocate(self, fd: int, offset: int, length: int) -> None: ...
+    def fsync(self, fd: int) -> None: ...
+    def close(self, fd: int) -> None: ...
+    def boot_id(self) -> str | None:
+        """Changes when the machine restarts (and its page cache is gone); None where unknown."""
+        ...
+
+
+class OsFileOps:
+    def open(self, path: Path, flags: int, mode: int) -> int:
+        return os.open(path, flags, mode)
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def fallocate(self, fd: int, offset: int, length: int) -> None:
+        os.posix_fallocate(fd, offset, length)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def boot_id(self) -> str | None:
+        try:
+            return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+        except OSError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -60,7 +110,18 @@ def shard_names(n: int) -> list[str]:
 
 
 class FolderWriter:
-    """One output folder; ``write`` chunks in any order, then ``commit`` or ``abort``."""
+    """One output folder; ``write`` chunks in any order, then ``commit`` or ``abort``.
+
+    ``write``, ``tensor_done`` and ``sync`` are called from one thread (the engine's writer thread);
+    a durable point runs on a thread of its own, joined by the next one, ``commit`` and ``abort``.
+    """
+
+    ops: FileOps = OsFileOps()
+    # A durable point (fsync of the data, then of the record) once this many bytes were written since the
+    # last one, or this long ago, whichever comes first: what a rerun after a power loss must redo, traded
+    # against fsyncs, which wait for the disk (benchmarks/results/durability.md has the measurements).
+    sync_bytes = 1 << 30
+    sync_seconds = 60.0
 
     def __init__(
         self,
@@ -82,7 +143,15 @@ class FolderWriter:
         self.tmp = final.parent / f".{final.name}{TMP_MARK}{provenance.get('plan_id', os.getpid())}"
         self._lock_fd = -1
         self._progress = -1
-        self._done = 0
+        self._done = 0  # tensors whose bytes were all passed to write (maybe only in the page cache)
+        self._durable = 0  # tensors whose bytes were fsynced
+        self._boot: str | None = None
+        self._unsynced = 0  # bytes written since the last durable point
+        self._synced_at = 0.0
+        self._dirs_synced = False
+        self._syncer: threading.Thread | None = None  # the durable point in progress, off the writer thread
+        self._sync_error: BaseException | None = None
+        self._record_lock = threading.Lock()  # the writer thread and the syncer both write the record
         with_aliases = list(tensors) + [(a, dict(tensors)[c]) for a, c in aliases.items()]
         self.aliases_of: dict[str, list[str]] = {}
         for a, c in aliases.items():
@@ -105,20 +174,27 @@ class FolderWriter:
     def open(self) -> int:
         """Create the temporary folder, or take up the one a killed run of the same plan left behind.
 
-        Returns how many tensors (in layout order) that earlier run had finished writing: the engine
-        starts after them. The folder is locked (flock) so that two processes never write one output.
+        Returns how many tensors (in layout order) that earlier run had written where this run can read
+        them back (on disk, or in this boot's page cache): the engine starts after them. The folder is
+        locked (flock) so that two processes never write one output.
         """
         meta = {"format": "pt", "ckptavg": json.dumps(self.provenance, sort_keys=True)}
+        ops = self.ops
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
             self.tmp.mkdir(exist_ok=True)
             self._lock()  # before touching anything in it
-            done = self._resumable()
-            if done is None:
-                for p in self.tmp.iterdir():
+            self._boot = self.ops.boot_id()
+            resumed = self._resumable()
+            if resumed is None:
+                old = list(self.tmp.iterdir())
+                for p in old:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-                done = 0
+                if old:  # the old record must not come back after a power loss to vouch for new files
+                    self._fsync_path(self.tmp)
+                resumed = (0, 0)
+            done, self._durable = resumed
             flags = os.O_RDWR | os.O_CREAT | (0 if done else os.O_TRUNC)
             for i, shard in enumerate(self.shards):
                 header: dict[str, object] = {"__metadata__": meta}
@@ -133,47 +209,106 @@ class FolderWriter:
                 raw = json.dumps(header, separators=(",", ":")).encode()
                 raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as safetensors does
                 data_start = 8 + len(raw)
-                fd = os.open(self.tmp / self.names[i], flags, 0o644)
+                fd = ops.open(self.tmp / self.names[i], flags, 0o644)
                 self.fds.append(fd)
                 size = data_start + begin
                 if size:
-                    os.posix_fallocate(fd, 0, size)
-                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+                    ops.fallocate(fd, 0, size)
+                _pwrite_all(ops, fd, len(raw).to_bytes(8, "little") + raw, 0)
                 begin = 0
                 for name, info in shard:
                     self.slots[name] = _Slot(i, data_start + begin, info.dtype.itemsize)
                     begin += info.nbytes
-            self._progress = os.open(self.tmp / _PROGRESS, os.O_RDWR | os.O_CREAT, 0o644)
-            self.tensor_done(done)
+            self._progress = ops.open(self.tmp / _PROGRESS, os.O_RDWR | os.O_CREAT, 0o644)
+            self._done = done
+            self._synced_at = time.monotonic()
+            self._write_record()  # this boot's: a rerun after a kill need not look at the durable count
         except OSError as e:
             self.abort()
             raise _os_error(e, self.final, self.total_size) from e
         return done
 
     def tensor_done(self, count: int) -> None:
-        """Record that the first ``count`` tensors are fully written (what a resumed run may skip).
+        """Record that the first ``count`` tensors were fully passed to ``write``: what a rerun after a
+        kill may skip at once, and after a power loss once it is durable (every ``sync_bytes`` or
+        ``sync_seconds`` a durable point starts, on a thread of its own so that the fsync, which waits
+        for the disk, does not stall the writes behind it).
 
         Never goes back: a Hub run's unit may rewrite tensors this output already has, for a
-        neighbouring output that had fewer."""
-        count = self._done = max(count, self._done)
-        record = json.dumps(
-            {"plan_id": self.provenance.get("plan_id"), "layout": self.layout_id, "tensors_done": count}
-        ).encode()
-        os.pwrite(self._progress, record.ljust(_PROGRESS_WIDTH), 0)
-
-    def _resumable(self) -> int | None:
+        neighbouring output that had fewer (with the same bytes, so a claim made stays true)."""
+        self._done = max(count, self._done)
         try:
-            record = json.loads((self.tmp / _PROGRESS).read_bytes())
-        except (OSError, ValueError):
+            self._write_record()
+            if self._unsynced >= self.sync_bytes or time.monotonic() - self._synced_at >= self.sync_seconds:
+                self._join_syncer()  # one at a time: a disk slower than the writes holds them back
+                self._unsynced = 0
+                self._synced_at = time.monotonic()
+                self._syncer = threading.Thread(
+                    target=self._durable_point, args=(self._done,), name="ckptavg-sync", daemon=True
+                )
+                self._syncer.start()
+        except OSError as e:
+            raise _os_error(e, self.final, self.total_size) from e
+
+    def sync(self) -> None:
+        """A durable point now, on the caller's thread: every tensor reported done is on disk, and so is
+        the record that says so. Call it from the writer thread, or once the writes are over."""
+        try:
+            self._join_syncer()
+            self._durable_point(self._done)
+            self._join_syncer()  # raises what the durable point raised
+        except OSError as e:
+            raise _os_error(e, self.final, self.total_size) from e
+        self._unsynced = 0
+        self._synced_at = time.monotonic()
+
+    def _durable_point(self, count: int) -> None:
+        """fsync the data, then write and fsync a record whose durable count is ``count``: the tensors
+        whose bytes had all been written before this began."""
+        try:
+            for fd in self.fds:
+                self.ops.fsync(fd)
+            if not self._dirs_synced:  # the shards' and the record's names, and the folder's own
+                self._fsync_path(self.tmp)
+                self._fsync_path(self.tmp.parent)
+                self._dirs_synced = True
+            self._durable = max(self._durable, count)
+            self._write_record()
+            self.ops.fsync(self._progress)
+        except BaseException as e:  # raised again on the writer thread, by the next _join_syncer
+            self._sync_error = e
+
+    def _join_syncer(self) -> None:
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
+        if self._sync_error is not None:
+            e, self._sync_error = self._sync_error, None
+            raise e
+
+    def _write_record(self) -> None:
+        with self._record_lock:  # the newest counts, so the file never goes back to an older pair
+            record = _record(self.provenance.get("plan_id"), self.layout_id, self._done, self._durable, self._boot)
+            _pwrite_all(self.ops, self._progress, record, 0)
+
+    def _resumable(self) -> tuple[int, int] | None:
+        """(tensors a rerun may skip, of which durable) from a record of this plan and layout, else None."""
+        try:
+            record = _parse_record((self.tmp / _PROGRESS).read_bytes())
+        except OSError:
             return None
-        if not isinstance(record, dict) or record.get("plan_id") != self.provenance.get("plan_id"):
+        if record is None or record.get("plan_id") != self.provenance.get("plan_id"):
             return None
         if record.get("layout") != self.layout_id:  # e.g. another --max-shard-size
             return None
         if not all((self.tmp / n).is_file() for n in self.names):
             return None
-        done = record.get("tensors_done")
-        return done if isinstance(done, int) and done > 0 else None
+        done, durable, boot = record.get("tensors_done"), record.get("durable"), record.get("boot")
+        if not isinstance(done, int) or not isinstance(durable, int) or not 0 <= durable <= done:
+            return None
+        if boot is None or boot != self._boot:  # restarted since (or another node): the page cache is gone
+            done = durable
+        return (done, durable) if done > 0 else None
 
     def _lock(self) -> None:
         self._lock_fd = os.open(self.tmp, os.O_RDONLY)
@@ -203,16 +338,16 @@ class FolderWriter:
         try:
             for target in (name, *self.aliases_of.get(name, ())):
                 slot = self.slots[target]
-                offset = slot.offset + start * slot.itemsize
-                fd = self.fds[slot.fd_index]
-                done = 0
-                while done < len(raw):
-                    done += os.pwrite(fd, raw[done:], offset + done)
+                _pwrite_all(self.ops, self.fds[slot.fd_index], raw, slot.offset + start * slot.itemsize)
+                self._unsynced += len(raw)
         except OSError as e:
             raise _os_error(e, self.final, self.total_size) from e
 
     def commit(self) -> Path:
+        """Make every file in the folder durable, then rename it into place (and make that durable)."""
+        ops = self.ops
         try:
+            self._join_syncer()
             if len(self.shards) > 1:
                 weight_map = {n: self.names[i] for i, s in enumerate(self.shards) for n, _ in s}
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
@@ -223,13 +358,17 @@ class FolderWriter:
                 else:
                     shutil.copy2(f, self.tmp / f.name)
             (self.tmp / PROVENANCE_FILE).write_text(json.dumps(self.provenance, indent=2, sort_keys=True) + "\n")
+            for p in sorted(self.tmp.iterdir()):  # what we wrote here, and what the caller added (ckpt.pt)
+                if p.name not in self.names and p.name != _PROGRESS and p.is_file():
+                    self._fsync_path(p)
             for fd in self.fds:
-                os.fsync(fd)
-                os.close(fd)
+                ops.fsync(fd)
+                ops.close(fd)
             self.fds = []
-            os.close(self._progress)
+            ops.close(self._progress)
             self._progress = -1
             (self.tmp / _PROGRESS).unlink()
+            self._fsync_path(self.tmp)  # every name in it, before the folder can appear under its own
             old = None
             if self.final.exists():
                 if not self.overwrite:
@@ -237,7 +376,7 @@ class FolderWriter:
                 old = self.final.parent / f".{self.final.name}{TMP_MARK}old-{os.getpid()}"
                 os.rename(self.final, old)
             os.rename(self.tmp, self.final)
-            _fsync_dir(self.final.parent)
+            self._fsync_path(self.final.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             self._unlock()
@@ -247,11 +386,19 @@ class FolderWriter:
         return self.final
 
     def abort(self, keep: bool = False) -> None:
-        """Close everything; remove the temporary folder unless ``keep`` (to resume it later)."""
+        """Close everything; remove the temporary folder unless ``keep`` (to resume it later, from what
+        is durable: a best-effort ``sync`` first)."""
+        try:
+            if keep and self._progress >= 0:
+                self.sync()
+            else:
+                self._join_syncer()  # it uses the files closed below
+        except (OSError, OutputError):
+            pass
         for fd in [*self.fds, self._progress]:
             if fd >= 0:
                 try:
-                    os.close(fd)
+                    self.ops.close(fd)
                 except OSError:
                     pass
         self.fds = []
@@ -260,10 +407,49 @@ class FolderWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
         self._unlock()
 
+    def _fsync_path(self, path: Path) -> None:
+        fd = self.ops.open(path, os.O_RDONLY, 0)
+        try:
+            self.ops.fsync(fd)
+        finally:
+            self.ops.close(fd)
+
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _record(plan_id: object, layout: str, done: int, durable: int, boot: str | None) -> bytes:
+    """progress.json: both counts, what they count, the boot they were made in, and a checksum."""
+    body = {"plan_id": plan_id, "layout": layout, "tensors_done": done, "durable": durable, "boot": boot}
+    check = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    raw = json.dumps({**body, "check": check}, separators=(",", ":")).encode()
+    if len(raw) > _PROGRESS_WIDTH:
+        raise ValueError(f"progress record longer than {_PROGRESS_WIDTH} bytes: {raw!r}")
+    return raw.ljust(_PROGRESS_WIDTH)
+
+
+def _parse_record(raw: bytes) -> dict[str, object] | None:
+    """The record's fields, or None for anything else: empty, torn, garbage or an old format."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    check = record.pop("check", None)
+    body = json.dumps(record, sort_keys=True).encode()
+    if not isinstance(check, str) or hashlib.sha256(body).hexdigest()[:16] != check:
+        return None
+    return record
+
+
+def _pwrite_all(ops: FileOps, fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += ops.pwrite(fd, view[done:], offset + done)
 
 
 def _write_config_dtype(src: Path, dst: Path, dtype: str) -> None:
@@ -277,14 +463,6 @@ def _write_config_dtype(src: Path, dst: Path, dtype: str) -> None:
         if key in config or key == "dtype":
             config[key] = dtype
     dst.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _os_error(e: OSError, target: Path, nbytes: int) -> OutputError:
