@@ -160,6 +160,9 @@ def execute(
                     on_tensor_done=functools.partial(_tensor_done, part, unit.offset, rep),
                 )
                 engine.run(job)
+                if i + 1 < len(todo_units):  # on disk before its files go: a power loss never re-downloads them
+                    for w in part:
+                        w.sync()
                 downloads.release(i)
             rep.stop()
             for j, w in zip(todo, writers, strict=True):

@@ -154,7 +154,10 @@ class FileTable:
         fd = self.fd(path)
         done = 0
         while done < len(mv):
-            n = os.preadv(fd, [mv[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [mv[done:]], offset + done)
+            except OSError as e:  # e.g. ESTALE: deleted by another node of a shared file system
+                raise CheckpointFormatError(f"{path}: cannot read ({e.strerror or e})") from e
             if n == 0:
                 break
             done += n
