@@ -32,7 +32,7 @@ class FolderRemote:
         self.file_of = {n: f for f, names in SHARDS.items() for n in names}
         self.extras: dict[str, int] = {}
 
-    def download(self, filename: str) -> tuple[Path, bool]:
+    def download(self, filename: str, cancel: object = None) -> tuple[Path, bool]:
         self.log.append(("download", self.step, filename))
         path = self.cache / f"{self.step}-{filename}"
         path.write_bytes(b"\0" * self.sizes[filename])
@@ -152,7 +152,7 @@ def test_a_failed_download_reaches_the_caller_and_nothing_stays(tmp_path: Path):
     log: list[tuple[str, int, str]] = []
     ms = members([1000, 2000], tmp_path, log)
 
-    def broken(filename: str) -> tuple[Path, bool]:
+    def broken(filename: str, cancel: object = None) -> tuple[Path, bool]:
         raise OSError(f"connection reset while downloading {filename}")
 
     ms[2000].remote.download = broken  # type: ignore[union-attr,method-assign]
@@ -181,10 +181,10 @@ def test_a_unit_downloads_its_files_on_several_streams_at_once(tmp_path: Path):
     together = threading.Barrier(2, timeout=5)  # passes only if two downloads are in flight at once
     lock, active, most = threading.Lock(), [0], [0]
 
-    def side_by_side(remote: FolderRemote) -> Callable[[str], tuple[Path, bool]]:
+    def side_by_side(remote: FolderRemote) -> Callable[[str, object], tuple[Path, bool]]:
         plain = remote.download
 
-        def download(filename: str) -> tuple[Path, bool]:
+        def download(filename: str, cancel: object = None) -> tuple[Path, bool]:
             with lock:
                 active[0] += 1
                 most[0] = max(most[0], active[0])
@@ -205,3 +205,25 @@ def test_a_unit_downloads_its_files_on_several_streams_at_once(tmp_path: Path):
     finally:
         d.close()
     assert most[0] == 2
+
+
+def test_closing_stops_a_download_in_progress_at_once(tmp_path: Path):
+    """A run that ends (an error elsewhere, Ctrl-C) cancels its downloads instead of leaving them running."""
+    ms = members([1000, 2000], tmp_path, [])
+    started, stopped = threading.Event(), threading.Event()
+
+    def endless(filename: str, cancel: threading.Event | None = None) -> tuple[Path, bool]:
+        started.set()
+        assert cancel is not None
+        if cancel.wait(30):  # a long download, checking between chunks whether its run still wants it
+            stopped.set()
+        raise RuntimeError("cancelled")
+
+    ms[2000].remote.download = endless  # type: ignore[union-attr,method-assign]
+    units, limit = plan_units(lawa([2000]), ms, tensor_groups(ms[2000]), None)
+    d = Downloads(units, ms, ByteBudget(limit), FileTable())
+    d._ask(0)
+    assert started.wait(5)
+    t0 = time.monotonic()
+    d.close()
+    assert stopped.is_set() and time.monotonic() - t0 < 2

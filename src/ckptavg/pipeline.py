@@ -19,6 +19,7 @@ waits for a download to end: its partial file stays for the next run to continue
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from queue import SimpleQueue
@@ -263,8 +264,10 @@ class Workers(Generic[T]):
             yield self.done.get()
 
     def close(self, wait: bool) -> None:
+        """Stop after the calls in progress; with ``wait``, wait for them (``JOIN_SECONDS`` in all)."""
         for _ in self.threads:
             self.tasks.put(END)
         if wait:
+            deadline = time.monotonic() + JOIN_SECONDS
             for t in self.threads:
-                t.join(timeout=JOIN_SECONDS)
+                t.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -129,6 +129,7 @@ class Downloads:
         self.lock = threading.Lock()  # closing, and a late download letting go of its file, exclude each other
         self.closed = False
         self.keep = False  # set by close(): what a late download does with its file
+        self.cancel = threading.Event()  # set by close(): downloads in progress stop between chunks
 
     def _ask(self, u: int) -> None:
         for key in sorted(self.units[u].files - self.asked):
@@ -144,7 +145,7 @@ class Downloads:
         remote = self.members[key[0]].remote
         assert remote is not None
         try:
-            path, fetched = remote.download(key[1])
+            path, fetched = remote.download(key[1], self.cancel)
         except BaseException:
             self.budget.give(need)
             raise
@@ -195,15 +196,16 @@ class Downloads:
     def close(self, *, keep: bool = False) -> None:
         """Stop, and let go of every file this run still holds: deleted (so that complete downloads never
         pile up outside the budget) unless ``keep``, which a run failing on a transient fault asks for so
-        that the next run does not download them again. A download cut short stays as a partial file,
-        which the next run continues."""
+        that the next run does not download them again. Downloads in progress are cancelled and waited for
+        (a few seconds at most); one cut short stays as a partial file, which the next run continues."""
         with self.lock:
             self.closed, self.keep = True, keep
             while not self.pool.done.empty():  # finished before we closed: ours to let go of
                 key, result, _ = self.pool.done.get()
                 if result is not None:
                     self.local[key] = result  # type: ignore[assignment]
+        self.cancel.set()
         self.budget.close()
-        self.pool.close(wait=False)
+        self.pool.close(wait=True)  # each download stops at its next chunk (or backoff); bounded joins
         for key in list(self.local):
             self._drop(key, keep=keep)

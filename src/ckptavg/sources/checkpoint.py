@@ -60,9 +60,9 @@ class Remote(Protocol):
     file_of: dict[str, str]  # tensor name -> the weight file holding it
     extras: dict[str, int]  # config and tokenizer files -> bytes
 
-    def download(self, filename: str) -> tuple[Path, bool]:
+    def download(self, filename: str, cancel: threading.Event | None = None) -> tuple[Path, bool]:
         """The file in the local cache, held in use until ``done_with``; and whether this call brought it
-        there (what a disk budget counts)."""
+        there (what a disk budget counts). Setting ``cancel`` stops a download in progress (it raises)."""
         ...
 
     def done_with(self, filename: str, *, keep: bool = False) -> None:

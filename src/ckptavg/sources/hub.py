@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from threading import Event
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote, urlsplit
 
@@ -32,7 +33,7 @@ from ckptavg.errors import CheckpointFormatError, CkptavgError, HubError, Unsafe
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo
 from ckptavg.sources.hf_folder import WEIGHT_FILES, open_weight_file
 from ckptavg.sources.http_range import RangeReader
-from ckptavg.sources.retry import BodyCutShort, RetryPolicy
+from ckptavg.sources.retry import BodyCutShort, Cancelled, RetryPolicy
 from ckptavg.sources.safetensors_file import read_safetensors_header
 from ckptavg.sources.torch_file import read_torch_structure, state_dict_entries
 
@@ -177,7 +178,7 @@ class HubSource:
             raise CkptavgError(f"{self.repo}@{name} moved to another commit while this run used it; run it again")
         return path
 
-    def _download(self, step: int, filename: str, size: int | None) -> Path:
+    def _download(self, step: int, filename: str, size: int | None, cancel: Event | None = None) -> Path:
         """A file into the cache as ``hf_hub_download`` lays it out: ``blobs/<etag>``, linked from
         ``snapshots/<commit>/<file>``, and ``refs/<revision>`` (so HF_HUB_OFFLINE finds it later).
 
@@ -208,7 +209,7 @@ class HubSource:
         while True:
             with self._blob_lock(etag):  # only so that two tasks on one node download it once
                 if not blob.exists():
-                    self._download_blob(blob, meta.location, meta.size, where)
+                    self._download_blob(blob, meta.location, meta.size, where, cancel)
             with self._repo_lock(exclusive=False):
                 if not blob.exists():  # deleted by another process in between: fetch it again
                     continue
@@ -224,7 +225,7 @@ class HubSource:
             ref.write_text(commit)
         return link
 
-    def _download_blob(self, blob: Path, url: str, size: int, where: str) -> None:
+    def _download_blob(self, blob: Path, url: str, size: int, where: str, cancel: Event | None = None) -> None:
         """Download ``blob`` into a partial file named for this process (host, pid, random) with
         positional writes at the offsets received, then publish it by ``os.replace`` once its size is
         checked. Where locks are not honoured two processes may both download a file: each writes its
@@ -241,12 +242,12 @@ class HubSource:
             if have > size:  # not a prefix of this file
                 os.ftruncate(fd, 0)
                 have = 0
-            attempts = self.retry.attempts(where, "downloading it")
+            attempts = self.retry.attempts(where, "downloading it", cancel)
             while True:
                 while have < size:
                     got = [have]
                     try:
-                        self._get_into(url, fd, have, size, got, where)
+                        self._get_into(url, fd, have, size, got, where, cancel)
                     except Exception as e:
                         if got[0] > have:
                             attempts.progressed()
@@ -279,9 +280,12 @@ class HubSource:
         for p, _ in _abandoned_partials(blob.parent, etag):  # others' leftovers of the same file
             p.unlink(missing_ok=True)
 
-    def _get_into(self, url: str, fd: int, start: int, size: int, got: list[int], where: str) -> None:
+    def _get_into(
+        self, url: str, fd: int, start: int, size: int, got: list[int], where: str, cancel: Event | None = None
+    ) -> None:
         """One GET of the file from byte ``start``, written at its offsets; ``got[0]`` follows the
-        bytes written, so a dropped connection is continued from there."""
+        bytes written, so a dropped connection is continued from there. ``cancel`` stops it between
+        chunks (the run using it ended), leaving what it wrote for a later run to continue."""
         from huggingface_hub import constants
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
@@ -304,6 +308,8 @@ class HubSource:
                     "it may have changed on the server: run the same command again"
                 )
             for chunk in response.iter_bytes():
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"{where}: the run using it ended")
                 if offset + len(chunk) > size:
                     raise HubError(f"{where}: the server sent more than the {size} bytes it announced")
                 view = memoryview(chunk)
@@ -330,7 +336,7 @@ class HubSource:
         finally:
             os.close(fd)
 
-    def use(self, step: int, filename: str, size: int | None = None) -> tuple[Path, bool]:
+    def use(self, step: int, filename: str, size: int | None = None, cancel: Event | None = None) -> tuple[Path, bool]:
         """One file of a revision in the cache, held in use until ``done_with``; and whether this call
         downloaded it. Another ckptavg process sharing the cache (a SLURM array's tasks share members at
         their boundaries) never deletes a file while this one holds it: users hold a shared flock on the
@@ -349,7 +355,7 @@ class HubSource:
                 (self._lock_dir(commit) / f"{filename}.ours").touch()  # ckptavg brings it in: ours to delete
                 if not self.offline:
                     what = f"download {filename} of {name}"
-                    link = self._call(lambda: self._download(step, filename, size), what=what)
+                    link = self._call(lambda: self._download(step, filename, size, cancel), what=what)
                 else:  # the client links a blob that may be shared
                     with self._repo_lock(exclusive=False):
                         link = self._download_cached(step, filename)
@@ -569,8 +575,8 @@ class HubFiles:
         self.format = format
         self.planned = planned  # weight file -> its tensors as its header said when planning
 
-    def download(self, filename: str) -> tuple[Path, bool]:
-        path, fetched = self.hub.use(self.step, filename, self.sizes.get(filename))
+    def download(self, filename: str, cancel: Event | None = None) -> tuple[Path, bool]:
+        path, fetched = self.hub.use(self.step, filename, self.sizes.get(filename), cancel)
         expected = self.sizes.get(filename, self.extras.get(filename))
         got = path.stat().st_size
         if expected is not None and got != expected:

@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from threading import Event
 from typing import TypeVar
 
 from ckptavg.errors import HubUnavailableError
@@ -32,6 +33,10 @@ T = TypeVar("T")
 
 DEFAULT_TOTAL = 600.0  # minutes, not seconds: a Hub outage of a few minutes should not end a day's run
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class Cancelled(Exception):
+    """The run that asked for a request ended: stop waiting and sending (not a fault, never retried)."""
 
 
 class BodyCutShort(Exception):
@@ -57,8 +62,8 @@ class RetryPolicy:
         base = float(os.environ.get("CKPTAVG_RETRY_BASE", "1"))
         return cls(total=DEFAULT_TOTAL if total is None else total, first_delay=base, max_delay=60 * base)
 
-    def attempts(self, where: str, action: str) -> Attempts:
-        return Attempts(self, where, action)
+    def attempts(self, where: str, action: str, cancel: Event | None = None) -> Attempts:
+        return Attempts(self, where, action, cancel)
 
     def call(self, fn: Callable[[], T], *, where: str, action: str) -> T:
         """``fn()``, retried on transient faults."""
@@ -76,8 +81,9 @@ class Attempts:
     caller re-raises it), True after waiting if another attempt fits in the time left, and
     :class:`HubUnavailableError` when none does."""
 
-    def __init__(self, policy: RetryPolicy, where: str, action: str) -> None:
+    def __init__(self, policy: RetryPolicy, where: str, action: str, cancel: Event | None = None) -> None:
         self.policy, self.where, self.action = policy, where, action
+        self.cancel = cancel  # set when the run ends: a backoff stops waiting
         self.count = 0
         self.start = self.first = time.monotonic()
         self.delay = policy.first_delay
@@ -111,7 +117,10 @@ class Attempts:
                 seconds=seconds,
                 last=last,
             ) from e
-        time.sleep(wait)
+        if self.cancel is None:
+            time.sleep(wait)
+        elif self.cancel.wait(wait):
+            raise Cancelled(f"{self.where}: the run using it ended") from e
         if wait:
             self.delay = min(self.delay * 2, self.policy.max_delay)
         return True
