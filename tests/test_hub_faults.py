@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from factories import write_pythia_step
-from hub_server import HubServer
+from hub_server import HubServer, commit_of
 
 from ckptavg.cli import cli
 from ckptavg.errors import HubUnavailableError
@@ -129,6 +129,65 @@ def test_a_tree_listed_in_pages_is_read_whole_and_each_page_is_retried(
     files = len(list((hub.root / REPO / "step1000").iterdir()))
     assert len(pages) == 4 + 2 * -(-files // 2)  # every page of both revisions, and the four refused
     assert (tmp_path / "o" / "step2000" / "model.safetensors").read_bytes() == reference
+
+
+@pytest.mark.parametrize("link", ["other-host", "loop"])
+def test_tree_pages_that_lead_to_another_host_or_back_are_refused_in_one_line(
+    hub: HubServer, tmp_path: Path, link: str
+):
+    """The token goes with each page: a next page on another host is not followed, and pages that loop
+    are not listed forever."""
+    hub.faults["page"] = 2
+    real = hub.url
+    if link == "other-host":  # the same server under another name: a different host to the client
+        hub.url = real.replace("127.0.0.1", "localhost")
+    else:  # every page links back to the first (the fragment is not part of what is fetched)
+        hub.url = f"{real}/api/models/{REPO}/tree/{commit_of(REPO, 'step1000')}?recursive=false&cursor=0#"
+    try:
+        r = CliRunner().invoke(
+            cli,
+            [
+                *LAWA,
+                "--repo",
+                REPO,
+                "--endpoint",
+                real,
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+            + ["--dry-run", "--token", "hf_SECRETpage"],
+        )
+    finally:
+        hub.url = real
+        hub.faults.pop("page")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    [line] = r.stderr.splitlines()
+    if link == "other-host":
+        assert "is on another host than" in line and "not followed" in line, line
+        assert not [t for t, (host, _, _) in zip(hub.tokens, hub.seen, strict=True) if t and "localhost" in host]
+    else:
+        assert "was listed before" in line and "the pages do not end" in line, line
+        assert len([q for q in hub.requests if "/tree/" in q]) < 10
+
+
+def test_a_file_a_later_part_needs_again_is_downloaded_again(tmp_path: Path):
+    """Older revisions in one file, newer ones in two shards: a budget of two parts per shard group lets
+    go of an old file after the first group's first part, and the second group's first part needs it."""
+    root = tmp_path / "hub"
+    for s in range(1000, 7000, 1000):
+        write_pythia_step(root / "Org/mixed" / f"step{s}", s, shards=1 if s <= 3000 else 2)
+    with HubServer(root) as server:
+        cmd = [sys.executable, "-m", "ckptavg", "lawa", "--repo", "Org/mixed", "--endpoint", server.url]
+        cmd += ["--cache-dir", str(tmp_path / "c"), "--steps", "3000:6000", "--k", "3", "--interval", "1000"]
+        cmd += ["--out", str(tmp_path / "o"), "--disk-budget", "240000"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run hung waiting for a file it had let go of")
+    assert r.returncode == 0, r.stderr
+    assert "part 3 of" in r.stderr  # several parts per shard group: the case under test
 
 
 @pytest.mark.parametrize(

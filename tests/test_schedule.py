@@ -16,7 +16,7 @@ import torch
 
 from ckptavg.errors import InvalidArgumentError
 from ckptavg.pipeline import ByteBudget
-from ckptavg.schedule import Downloads, plan_units, tensor_groups
+from ckptavg.schedule import Downloads, Unit, plan_units, tensor_groups
 from ckptavg.sources import Checkpoint, FileTable, TensorEntry, TensorInfo
 from ckptavg.windows import Window
 
@@ -227,3 +227,27 @@ def test_closing_stops_a_download_in_progress_at_once(tmp_path: Path):
     t0 = time.monotonic()
     d.close()
     assert stopped.is_set() and time.monotonic() - t0 < 2
+
+
+def test_a_file_let_go_of_is_downloaded_again_when_a_later_unit_needs_it(tmp_path: Path):
+    """An unsharded member's one file holds tensors of every shard group of a sharded newest member: a
+    later group's unit needs again what an earlier unit let go of."""
+    log: list[tuple[str, int, str]] = []
+    ms = members([1000, 2000], tmp_path, log)
+    a, b = (1000, "a.bin"), (2000, "a.bin")
+    units = [
+        Unit(0, 1, ("x",), 0, frozenset({a})),
+        Unit(0, 1, ("y",), 1, frozenset({b})),
+        Unit(0, 1, ("z",), 2, frozenset({a})),
+    ]
+    d = Downloads(units, ms, ByteBudget(100), FileTable())
+    try:
+        for u in range(3):
+            waiter = threading.Thread(target=d.ready, args=(u,), daemon=True)
+            waiter.start()
+            waiter.join(5)
+            assert not waiter.is_alive(), f"unit {u} never got its files"
+            d.release(u)
+    finally:
+        d.close()
+    assert downloaded(log) == [a, b, a]

@@ -186,6 +186,7 @@ class Downloads:
 
     def _drop(self, key: FileKey, *, keep: bool) -> None:
         path, fetched = self.local.pop(key)
+        self.asked.discard(key)  # a later unit may need it again (another shard group of an unsharded member)
         remote = self.members[key[0]].remote
         assert remote is not None
         self.files.close(path)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from threading import Event
 from typing import Any, BinaryIO, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urldefrag, urljoin, urlsplit
 
 from ckptavg.errors import CheckpointFormatError, CkptavgError, HubError, UnsafeServerValueError
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo
@@ -36,6 +36,8 @@ from ckptavg.sources.http_range import RangeReader
 from ckptavg.sources.retry import BodyCutShort, Cancelled, RetryPolicy
 from ckptavg.sources.safetensors_file import read_safetensors_header
 from ckptavg.sources.torch_file import read_torch_structure, state_dict_entries
+
+MAX_TREE_PAGES = 1000  # a revision's file list is a page or two; this many means the pages never end
 
 _EXTRA = re.compile(
     r"^(config\.json|generation_config\.json|special_tokens_map\.json|tokenizer.*|vocab\..*|merges\.txt)$"
@@ -439,6 +441,7 @@ class HubSource:
         url: str | None = f"{self.api.endpoint}/api/models/{self.repo}/tree/{quote(commit, safe='')}"
         params: dict[str, str] | None = {"recursive": "false", "expand": "false"}
         entries: list[Any] = []
+        seen: set[str] = set()
         while url is not None:
 
             def page(url: str = url, params: dict[str, str] | None = params) -> Any:
@@ -456,8 +459,25 @@ class HubSource:
             if not isinstance(body, list):
                 raise HubError(f"{self.repo}@{name}: the tree listing is not a list")
             entries += body
-            url, params = response.links.get("next", {}).get("url"), None
+            url, params = self._next_page(response, url, seen, name), None
         return entries
+
+    def _next_page(self, response: Any, url: str, seen: set[str], name: str) -> str | None:
+        """The next page a tree listing links to: on the endpoint's host (the token goes with it), and
+        never one already listed (a server whose pages loop would otherwise be listed forever)."""
+        link = response.links.get("next", {}).get("url")
+        if link is None:
+            return None
+        where = f"{self.repo}@{name}: the tree listing's next page {link!r}"
+        if not isinstance(link, str):
+            raise UnsafeServerValueError(f"{where} is not a URL")
+        following = urldefrag(urljoin(url, link)).url  # a fragment is never sent: not a new page
+        if urlsplit(following).netloc != urlsplit(self.api.endpoint).netloc:
+            raise UnsafeServerValueError(f"{where} is on another host than {self.api.endpoint}; not followed")
+        if following in seen or len(seen) >= MAX_TREE_PAGES:
+            raise HubError(f"{where} was listed before (or is page {MAX_TREE_PAGES + 1}): the pages do not end")
+        seen.add(following)
+        return following
 
     def weight_files(self, step: int, sizes: dict[str, int]) -> tuple[str, list[str]]:
         """The format of a revision's weights and their files (the shards an index names)."""
