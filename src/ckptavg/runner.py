@@ -91,7 +91,7 @@ def execute(
         writers: list[FolderWriter] = []
 
         def remove_created() -> None:
-            if failure and not keep():
+            if failure:  # only those left empty: a kept temporary folder keeps its parent
                 for p in created:
                     _remove_if_empty(p)
 
