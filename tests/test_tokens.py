@@ -188,7 +188,7 @@ def test_the_library_entry_point_cleans_and_refuses_too(hub: HubServer, tmp_path
 
     hub.tokens.clear()
     run = open_hub_run(REPO, endpoint=hub.url, token=f"{SECRET}\r\n", cache_dir=str(tmp_path / "c"))
-    assert run.steps == [1000, 2000] and set(hub.tokens) == {f"Bearer {SECRET}"}
+    assert run.steps() == [1000, 2000] and set(hub.tokens) == {f"Bearer {SECRET}"}
     hub.tokens.clear()
     with pytest.raises(TokenError, match=r"^the token from the token argument has a non-ASCII character at"):
         open_hub_run(REPO, endpoint=hub.url, token="hf_SECRÉTsecret123", cache_dir=str(tmp_path / "c"))

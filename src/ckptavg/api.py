@@ -14,7 +14,6 @@ import hashlib
 import json
 import resource
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ from typing import Any
 import torch
 
 from ckptavg import __version__, engine, runner, schedule
-from ckptavg.errors import CheckpointFormatError, CkptavgError, InvalidArgumentError, MismatchError, OutputError
+from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OutputError
 from ckptavg.progress import Reporter
-from ckptavg.sources import Checkpoint, Run, open_checkpoint, open_run
+from ckptavg.sources import Checkpoint, Source, open_checkpoint, open_run
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.steps import StepRange
 from ckptavg.windows import (
@@ -80,29 +79,19 @@ class Options:
 # ---------------------------------------------------------------- planning
 
 
-def _plan_from_run(run: Run, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
-    steps = sorted({s for w in windows for s in w.steps})
-    if run.opener is None:
-        members = {s: run.checkpoint(s) for s in steps}
-    else:  # a Hub: each header is a few round trips, so read several at once
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = {s: pool.submit(run.checkpoint, s) for s in steps}
-        failed = [e for f in futures.values() if (e := f.exception()) is not None]
-        if len(failed) > 1 and all(isinstance(e, CheckpointFormatError) for e in failed):
-            listed = "; ".join(str(e) for e in failed[:5]) + (
-                f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
-            )
-            raise CheckpointFormatError(f"{len(failed)} revisions cannot be used: {listed}")
-        if failed:
-            raise failed[0]
-        members = {s: f.result() for s, f in futures.items()}
+def _plan_from_run(run: Source, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
+    members = run.checkpoints(s for w in windows for s in w.steps)
     plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
     check_members(plan)
     return plan
 
 
+def _run(source: str | Source, allow_legacy: bool) -> Source:
+    return open_run(source, allow_legacy=allow_legacy) if isinstance(source, str) else source
+
+
 def plan_lawa(
-    source: str | Run,
+    source: str | Source,
     steps: StepRange,
     *,
     k: int,
@@ -111,16 +100,16 @@ def plan_lawa(
     k_stepsize: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = source if isinstance(source, Run) else open_run(source, allow_legacy=allow_legacy)
-    spacing = checkpoint_spacing(run.steps)
+    run = _run(source, allow_legacy)
+    spacing = checkpoint_spacing(run.steps())
     nu = k_stepsize or spacing
     every = interval or steps.every or spacing
-    windows = lawa_windows(run.steps, steps, k=k, interval=every, nu=nu, source=run.label)
+    windows = lawa_windows(run.steps(), steps, k=k, interval=every, nu=nu, source=run.label)
     return _plan_from_run(run, "lawa", {"k": k, "k_stepsize": nu, "interval": every, "steps": str(steps)}, windows, out)
 
 
 def plan_ema(
-    source: str | Run,
+    source: str | Source,
     steps: StepRange,
     *,
     out: Path,
@@ -129,15 +118,15 @@ def plan_ema(
     every: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = source if isinstance(source, Run) else open_run(source, allow_legacy=allow_legacy)
-    ends = interval or steps.every or checkpoint_spacing(run.steps)
-    windows = ema_windows(run.steps, steps, decay=decay, interval=ends, every=every, source=run.label)
+    run = _run(source, allow_legacy)
+    ends = interval or steps.every or checkpoint_spacing(run.steps())
+    windows = ema_windows(run.steps(), steps, decay=decay, interval=ends, every=every, source=run.label)
     params = {"decay": decay, "interval": ends, "every": every, "steps": str(steps)}
     return _plan_from_run(run, "ema", params, windows, out)
 
 
 def plan_swa(
-    source: str | Run,
+    source: str | Source,
     steps: StepRange,
     *,
     out: Path,
@@ -146,11 +135,11 @@ def plan_swa(
     interval: int | None = None,
     allow_legacy: bool = False,
 ) -> Plan:
-    run = source if isinstance(source, Run) else open_run(source, allow_legacy=allow_legacy)
+    run = _run(source, allow_legacy)
     first = steps.start if start is None else start
-    stride = every or checkpoint_spacing(run.steps)
+    stride = every or checkpoint_spacing(run.steps())
     ends = interval or steps.every or stride
-    windows = swa_windows(run.steps, steps, start=first, every=stride, interval=ends, source=run.label)
+    windows = swa_windows(run.steps(), steps, start=first, every=stride, interval=ends, source=run.label)
     params = {"start": first, "every": stride, "interval": ends, "steps": str(steps)}
     return _plan_from_run(run, "swa", params, windows, out)
 
@@ -161,7 +150,7 @@ def plan_avg(
     out: Path,
     weights: list[float] | None = None,
     allow_legacy: bool = False,
-    run: Run | None = None,
+    run: Source | None = None,
 ) -> Plan:
     """Explicit checkpoints: folders or nanoGPT files, or with ``run`` (a Hub run) its step numbers."""
     window = explicit_window(len(paths), weights)
@@ -172,7 +161,8 @@ def plan_avg(
         bad = next((p for p in paths if not p.isdigit()), None)
         if bad is not None:
             raise InvalidArgumentError(f"with --repo, give step numbers (e.g. 143000), not {bad!r}")
-        members = {i: run.checkpoint(int(p)) for i, p in enumerate(paths)}
+        by_step = run.checkpoints(int(p) for p in paths)
+        members = {i: by_step[int(p)] for i, p in enumerate(paths)}
         source = f"{run.label} steps {', '.join(paths)}"
     params = {"weights": list(window.weights)}
     plan = Plan("avg", params, source, [window], members, [out], by_position=True)
@@ -364,7 +354,7 @@ def decide_outputs(plan: Plan, opts: Options, states: Sequence[str]) -> list[int
 
 def check_inputs_untouched(plan: Plan) -> None:
     """No output may replace one of the plan's own local inputs, whatever the options."""
-    inputs = {f.resolve() for c in plan.members.values() if c.remote is None for f in (Path(c.label), *c.files)}
+    inputs = {f.resolve() for c in plan.members.values() for f in ([c.path] if c.path else []) + c.files}
     for out in plan.outputs:
         target = out.resolve()
         clash = next((i for i in sorted(inputs) if i == target or target in i.parents), None)
@@ -421,22 +411,15 @@ def _raise_open_file_limit() -> None:
 # ---------------------------------------------------------------- listing
 
 
-def list_checkpoints(source: str | Run, *, allow_legacy: bool = False) -> list[dict[str, Any]]:
-    """Steps of a run with their format, size on disk and path (headers only)."""
-    run = source if isinstance(source, Run) else open_run(source, allow_legacy=allow_legacy)
-    rows = []
-    for s in run.steps:
+def list_checkpoints(source: str | Source, *, allow_legacy: bool = False) -> list[dict[str, Any]]:
+    """Steps of a run with their format, size (on disk, or to download) and where they are."""
+    run = _run(source, allow_legacy)
+    rows: list[dict[str, Any]] = []
+    for s in run.steps():
         try:
-            if run.summary is not None:  # a Hub run: from file lists, without reading any header
-                fmt, n_files, size = run.summary(s)
-                label = f"{run.label}@{run.paths[s]}"
-            else:
-                c = run.checkpoint(s)
-                fmt, n_files, size, label = c.format, len(c.files), sum(f.stat().st_size for f in c.files), c.label
+            seen = run.listing(s)
         except CkptavgError as e:
-            rows.append({"step": s, "format": "unreadable", "bytes": None, "path": str(run.paths[s]), "error": str(e)})
+            rows.append({"step": s, "format": "unreadable", "bytes": None, "path": None, "error": str(e)})
             continue
-        rows.append(
-            {"step": s, "format": fmt + (f" ({n_files} shards)" if n_files > 1 else ""), "bytes": size, "path": label}
-        )
+        rows.append({"step": s, "format": seen.format, "bytes": seen.nbytes, "path": seen.where})
     return rows

@@ -807,7 +807,7 @@ def eval_(
         if steps.every:
             wanted = list(range(steps.start, steps.end + 1, steps.every))
         else:
-            wanted = [s for s in r.steps if steps.start <= s <= steps.end]
+            wanted = [s for s in r.steps() if steps.start <= s <= steps.end]
         if set(wanted) - set(r.paths):
             raise StepNotFoundError(set(wanted) - set(r.paths), r.paths, r.label)
         folders += [r.paths[s] for s in wanted]
@@ -961,7 +961,7 @@ def ls_(as_json: bool, **kw: Any) -> None:
             click.echo(json.dumps(row))
         else:
             size = "-" if row["bytes"] is None else f"{row['bytes'] / 1e6:.1f}MB"
-            click.echo(f"{row['step']}\t{row['format']}\t{size}\t{row['path']}")
+            click.echo(f"{row['step']}\t{row['format']}\t{size}\t{row.get('error') or row['path']}")
 
 
 def main() -> None:

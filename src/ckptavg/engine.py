@@ -28,14 +28,13 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ckptavg.errors import NonFiniteError
 from ckptavg.pipeline import Read, Reads, Writes
-from ckptavg.sources import Checkpoint, FileTable, TensorEntry, TensorInfo
-from ckptavg.sources.checkpoint import read_slice
+from ckptavg.sources import Checkpoint, Reader, TensorInfo
 from ckptavg.windows import Window
 
 # Names of constant buffers that transformers (and nanoGPT) keep in state dicts: copied from the newest
@@ -348,26 +347,20 @@ class Job:
     """Everything the pass needs: who is read, what is produced, and where the chunks go."""
 
     windows: Sequence[Window]
-    members: dict[int, Checkpoint]  # window member id (a step, or a position for avg) -> checkpoint
+    members: dict[int, Checkpoint]  # window member id (a step, or a position for avg) -> its header
     names: list[str]  # tensor order of the outputs
     infos: dict[str, TensorInfo]
     reducer_for: Callable[[torch.dtype], Reducer]  # one reducer per input dtype, decided by the plan
     out_dtype: Callable[[str, TensorInfo], torch.dtype]
     sink: Sink
-    files: FileTable
-    local: dict[int, dict[str, TensorEntry]] = field(default_factory=dict)  # downloaded Hub files' entries
+    readers: dict[int, Reader]  # member id -> where its bytes are read from
     allow_nonfinite: bool = False
     chunk: int | None = None  # elements per chunk; default: CHUNK_BYTES of accumulator
     skip: int = 0  # tensors (in ``names`` order) already written by an earlier, killed run
     on_tensor_done: Callable[[int, int], None] | None = None  # (tensors done so far, bytes read)
 
-    def entry(self, member: int, name: str) -> TensorEntry:
-        local = self.local.get(member)
-        return local[name] if local and name in local else self.members[member].entries[name]
-
     def read(self, r: Read, buf: torch.Tensor) -> torch.Tensor:
-        where = self.members[r.member].label
-        return read_slice(self.files, self.entry(r.member, r.name), r.start, r.stop, buf, name=r.name, where=where)
+        return self.readers[r.member].read(r.name, r.start, r.stop, buf)
 
     def chunk_of(self, info: TensorInfo) -> int:
         return self.chunk or CHUNK_BYTES // self.reducer_for(info.dtype).dtype.itemsize

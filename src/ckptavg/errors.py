@@ -36,6 +36,15 @@ def _nearest(step: int, available: list[int]) -> int | None:
     return min(available, key=lambda a: (abs(a - step), a)) if available else None
 
 
+class InvalidRunError(CkptavgError):
+    """A folder, glob or repository cannot be read as a run of step checkpoints."""
+
+    def __init__(self, run: str, detail: str) -> None:
+        self.run = run
+        self.detail = detail
+        super().__init__(f"{run}: {detail}")
+
+
 class CheckpointFormatError(CkptavgError):
     """A checkpoint file is missing, truncated, corrupt, or not in a supported format."""
 

@@ -135,6 +135,10 @@ def execute(
             )
             rep.start(total, len(windows))
             reducers = _reducers(plan, opts, device)
+
+            def unit_members(unit: schedule.Unit) -> list[int]:
+                return sorted({m for w in windows[unit.lo : unit.hi] for m in w.steps})
+
             for i, (unit, skip) in enumerate(todo_units):
                 if len(todo_units) > 1:
                     rep.log(
@@ -142,7 +146,8 @@ def execute(
                         f"{plan.outputs[todo[unit.lo]].name}..{plan.outputs[todo[unit.hi - 1]].name}, "
                         f"{len(unit.files)} files ({human_bytes(schedule.files_bytes(plan.members, unit.files))})"
                     )
-                local = downloads.ready(i)
+                fetched = downloads.ready(i)  # a Hub revision is read from its downloads, local files directly
+                readers = {m: fetched.get(m) or plan.members[m].open(files) for m in unit_members(unit)}
                 part = writers[unit.lo : unit.hi]
                 job = engine.Job(
                     windows=windows[unit.lo : unit.hi],
@@ -152,8 +157,7 @@ def execute(
                     reducer_for=functools.partial(reducers, windows[unit.lo : unit.hi]),
                     out_dtype=dtype_of,
                     sink=lambda j, name, start, data, part=part: part[j].write(name, start, data),  # type: ignore[misc]
-                    files=files,
-                    local=local,
+                    readers=readers,
                     allow_nonfinite=opts.allow_nonfinite,
                     chunk=opts.chunk,
                     skip=skip,

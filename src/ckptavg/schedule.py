@@ -24,7 +24,7 @@ from pathlib import Path
 from ckptavg.errors import InvalidArgumentError
 from ckptavg.pipeline import ByteBudget, Workers
 from ckptavg.progress import human_bytes
-from ckptavg.sources import Checkpoint, FileTable, TensorEntry
+from ckptavg.sources import Checkpoint, EntryReader, FileTable, Reader, TensorEntry
 from ckptavg.windows import Window
 
 FileKey = tuple[int, str]  # (member id, weight file of that member)
@@ -159,8 +159,8 @@ class Downloads:
             self.budget.give(need)
         return None
 
-    def ready(self, u: int) -> dict[int, dict[str, TensorEntry]]:
-        """Wait until unit ``u``'s files are here (asking for the next unit's too); where their tensors are."""
+    def ready(self, u: int) -> dict[int, Reader]:
+        """Wait until unit ``u``'s files are here (asking for the next unit's too); readers of their tensors."""
         self._ask(u)
         if u + 1 < len(self.units):
             self._ask(u + 1)
@@ -175,7 +175,7 @@ class Downloads:
             remote = self.members[key[0]].remote
             assert remote is not None
             entries.setdefault(key[0], {}).update(remote.local_entries(key[1], self.local[key][0]))
-        return entries
+        return {m: EntryReader(self.files, e, self.members[m].label) for m, e in entries.items()}
 
     def release(self, u: int) -> None:
         """Unit ``u`` is averaged: let go of its files that the next unit does not use."""

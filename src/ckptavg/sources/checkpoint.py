@@ -75,19 +75,53 @@ class Remote(Protocol):
         ...
 
 
+class Reader(Protocol):
+    """Reads slices of a checkpoint's tensors: what the engine sees of a source once bytes can be had."""
+
+    @property
+    def label(self) -> str:
+        """How messages name what is read (a folder, a file, a Hub revision)."""
+        ...
+
+    def read(self, name: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
+        """Elements [start, stop) of tensor ``name`` (flattened), read into the uint8 buffer ``buf``."""
+        ...
+
+
+@dataclass(frozen=True)
+class EntryReader:
+    """A ``Reader`` over files on local disk: each tensor one contiguous run of bytes, read by ``pread``."""
+
+    files: FileTable
+    entries: dict[str, TensorEntry]
+    label: str
+
+    def read(self, name: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
+        return read_slice(self.files, self.entries[name], start, stop, buf, name=name, where=self.label)
+
+
 @dataclass
 class Checkpoint:
-    """The weights of one training step, possibly spread over several shard files."""
+    """The weights of one training step as its headers describe them, possibly over several shard files.
+
+    A plan is made of these (names, shapes, dtypes, tied names) without reading a tensor; ``open`` gives
+    the reader once the bytes are on disk.
+    """
 
     step: int
-    label: str  # how messages name it: a folder or file path
+    label: str  # how messages name it: a folder or file path, or repo@revision
     format: str  # "safetensors", "bin", "nanogpt" ...
     entries: dict[str, TensorEntry]  # in storage order
     aliases: dict[str, str] = field(default_factory=dict)  # tied name -> the name whose bytes it shares
-    files: list[Path] = field(default_factory=list)  # weight files, for provenance and sizes
-    extra_files: list[Path] = field(default_factory=list)  # config and tokenizer files to copy
+    files: list[Path] = field(default_factory=list)  # local weight files, for provenance and sizes
+    extra_files: list[Path] = field(default_factory=list)  # config and tokenizer files to copy (sources/extras.py)
     meta: dict[str, object] = field(default_factory=dict)  # format specifics (nanoGPT model_args ...)
     remote: Remote | None = None  # set when the weight files are still on a Hub
+    path: Path | None = None  # the local folder or file it was read from
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {n: e.info for n, e in self.entries.items()}
 
     @property
     def nbytes(self) -> int:
@@ -99,9 +133,11 @@ class Checkpoint:
             return set()
         return {self.remote.file_of[n] for n in names}
 
-    def read(self, files: FileTable, name: str, start: int, stop: int, buf: torch.Tensor) -> torch.Tensor:
-        """Elements [start, stop) of tensor ``name`` (flattened), read into the uint8 buffer ``buf``."""
-        return read_slice(files, self.entries[name], start, stop, buf, name=name, where=self.label)
+    def open(self, files: FileTable) -> Reader:
+        """The reader of a local checkpoint (a Hub revision's readers come from its downloads)."""
+        if self.remote is not None:
+            raise RuntimeError(f"{self.label}: opened before its files were downloaded")
+        return EntryReader(files, self.entries, self.label)
 
 
 def read_slice(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ckptavg.errors import CheckpointFormatError
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry
+from ckptavg.sources.extras import extra_files
 from ckptavg.sources.safetensors_file import read_safetensors_index
 from ckptavg.sources.torch_file import load_torch_file, state_dict_entries
 
@@ -22,7 +23,6 @@ WEIGHT_FILES = (
     ("pytorch_model.bin", "bin"),
     ("pytorch_model.bin.index.json", "bin"),
 )
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 PROVENANCE_FILE = "ckptavg.json"
 
 
@@ -79,9 +79,4 @@ def open_hf_checkpoint(folder: Path, step: int, *, allow_legacy: bool = False) -
             raise CheckpointFormatError(f"{folder}: tensor '{sorted(dup)[0]}' appears in more than one shard")
         entries.update(part)
         aliases.update(part_aliases)
-    extra = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name != PROVENANCE_FILE
-    )
-    return Checkpoint(step, str(folder), fmt, entries, aliases, list(shards), extra)
+    return Checkpoint(step, str(folder), fmt, entries, aliases, list(shards), extra_files(folder), path=folder)

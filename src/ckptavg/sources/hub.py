@@ -22,26 +22,25 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from threading import Event
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote, urldefrag, urljoin, urlsplit
 
-from ckptavg.errors import CheckpointFormatError, CkptavgError, HubError, UnsafeServerValueError
+from ckptavg.errors import CheckpointFormatError, CkptavgError, HubError, StepNotFoundError, UnsafeServerValueError
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo
+from ckptavg.sources.extras import is_extra_file
 from ckptavg.sources.hf_folder import WEIGHT_FILES, open_weight_file
 from ckptavg.sources.http_range import RangeReader
 from ckptavg.sources.retry import BodyCutShort, Cancelled, RetryPolicy
 from ckptavg.sources.safetensors_file import read_safetensors_header
+from ckptavg.sources.source import Listing
 from ckptavg.sources.torch_file import read_torch_structure, state_dict_entries
 
 MAX_TREE_PAGES = 1000  # a revision's file list is a page or two; this many means the pages never end
-
-_EXTRA = re.compile(
-    r"^(config\.json|generation_config\.json|special_tokens_map\.json|tokenizer.*|vocab\..*|merges\.txt)$"
-)
 
 
 # A partial download left by another host counts as abandoned once unmodified this long. A live download
@@ -65,7 +64,7 @@ def _template_regex(template: str) -> re.Pattern[str]:
 
 
 class HubSource:
-    """One repository: its step revisions, and how to plan and fetch each."""
+    """One repository (implements ``Source``): its step revisions, and how to plan and fetch each."""
 
     def __init__(
         self,
@@ -82,6 +81,8 @@ class HubSource:
         from huggingface_hub import HfApi
 
         self.repo = repo
+        self.label = repo
+        self.root: Path | None = None  # nothing local is discovered as input
         self.retry = retry or RetryPolicy.with_total(retry_time)
         self.endpoint = endpoint
         self.token = token
@@ -519,11 +520,35 @@ class HubSource:
         where = f"{self.repo}@{name}/{filename}"
         return cast(BinaryIO, RangeReader(url, size, headers, retry=self.retry, where=where))
 
-    def summary(self, step: int) -> tuple[str, int, int]:
-        """Format, number of weight files and bytes to download (weights, config, tokenizer), for ``ls``."""
+    def steps(self) -> list[int]:
+        return sorted(self.revisions)
+
+    def checkpoints(self, steps: Iterable[int]) -> dict[int, Checkpoint]:
+        """Headers of several revisions at once: each is a few round trips, so they are read in parallel."""
+        wanted = sorted(set(steps))
+        missing = [s for s in wanted if s not in self.revisions]
+        if missing:
+            raise StepNotFoundError(missing, self.revisions, self.repo)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = {s: pool.submit(self.plan_checkpoint, s) for s in wanted}
+        failed = [e for f in futures.values() if (e := f.exception()) is not None]
+        if len(failed) > 1 and all(isinstance(e, CheckpointFormatError) for e in failed):
+            listed = "; ".join(str(e) for e in failed[:5]) + (
+                f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+            )
+            raise CheckpointFormatError(f"{len(failed)} revisions cannot be used: {listed}")
+        if failed:
+            raise failed[0]
+        return {s: f.result() for s, f in futures.items()}
+
+    def listing(self, step: int) -> Listing:
+        """Format, weight files and bytes to download (weights, config, tokenizer), for ``ls``: from the file
+        list (and the index of a sharded revision), without reading any header."""
         sizes = self.files(step)
         fmt, weights = self.weight_files(step, sizes)
-        return fmt, len(weights), sum(n for f, n in sizes.items() if f in weights or _EXTRA.match(f))
+        nbytes = sum(n for f, n in sizes.items() if f in weights or is_extra_file(f))
+        name, _ = self.revisions[step]
+        return Listing(fmt + (f" ({len(weights)} shards)" if len(weights) > 1 else ""), nbytes, f"{self.repo}@{name}")
 
     def plan_checkpoint(self, step: int) -> Checkpoint:
         """The checkpoint of ``step`` from its files' headers: every tensor's name, shape and dtype, so a
@@ -562,7 +587,7 @@ class HubSource:
             step,
             {f: sizes[f] for f in weights},
             file_of,
-            {f: n for f, n in sizes.items() if _EXTRA.match(f)},
+            {f: n for f, n in sizes.items() if is_extra_file(f)},
             label=label,
             format=fmt,
             planned=planned,
