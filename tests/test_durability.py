@@ -188,7 +188,7 @@ def test_a_torn_record_means_start_over_never_another_count(tmp_path: Path, monk
             layout,
             aliases={},
             provenance={"plan_id": "p1"},
-            extra_files=[],
+            extra_files={},
             max_shard_size=10**9,
             overwrite=False,
         )

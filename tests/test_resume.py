@@ -121,7 +121,7 @@ def test_a_partial_folder_is_resumed_only_with_the_same_layout(tmp_path: Path):
             layout,
             aliases={},
             provenance={"plan_id": "p1"},
-            extra_files=[],
+            extra_files={},
             max_shard_size=max_shard,
             overwrite=False,
         )

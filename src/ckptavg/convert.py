@@ -17,31 +17,46 @@ from typing import Any
 import torch
 
 from ckptavg.errors import CheckpointFormatError, OutputError
+from ckptavg.sources import open_checkpoint
+from ckptavg.sources.checkpoint import read_state
+from ckptavg.sources.extras import extra_files
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
-from ckptavg.sources.nanogpt import COMPILE_PREFIX
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def load_nanogpt(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """State dict and model_args of a nanoGPT ckpt.pt, or of a folder ckptavg made from nanoGPT inputs."""
-    if src.is_file():
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-            raise CheckpointFormatError(f"{src}: not a nanoGPT checkpoint (needs 'model' and 'model_args')")
-        return {k.removeprefix(COMPILE_PREFIX): v for k, v in ckpt["model"].items()}, dict(ckpt["model_args"])
-    from safetensors.torch import load_file
+_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
-    try:
-        args = json.loads((src / PROVENANCE_FILE).read_text())["model_args"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointFormatError(f"{src}: no nanoGPT model_args in {PROVENANCE_FILE}; give its ckpt.pt") from e
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(src.glob("*.safetensors")):
-        state.update(load_file(shard))
-    if not state:
-        raise CheckpointFormatError(f"{src}: no safetensors weights")
-    return state, dict(args)
+
+def load_nanogpt(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict and model_args of a nanoGPT ckpt.pt, or of a folder ckptavg made from nanoGPT inputs,
+    read through the same checks as every input (sources/): a damaged file is one line, not a traceback."""
+    if src.is_dir():
+        try:
+            args = json.loads((src / PROVENANCE_FILE).read_text())["model_args"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointFormatError(f"{src}: no nanoGPT model_args in {PROVENANCE_FILE}; give its ckpt.pt") from e
+        ckpt, where = open_checkpoint(src), f"{src / PROVENANCE_FILE}: model_args"
+    else:
+        ckpt = open_checkpoint(src)
+        args, where = ckpt.meta.get("model_args"), f"{src}: model_args"
+    return read_state(ckpt), _checked_args(args, where)
+
+
+def _checked_args(args: object, where: str) -> dict[str, Any]:
+    """nanoGPT's model_args as GPT-2 needs them: the five sizes, each a positive integer."""
+    if not isinstance(args, dict):
+        raise CheckpointFormatError(f"{where} missing (a nanoGPT checkpoint holds them; give its ckpt.pt)")
+    for key in _MODEL_ARGS:
+        value = args.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31:
+            raise CheckpointFormatError(f"{where}: '{key}' is {value!r}, not a positive integer")
+    if args["n_embd"] % args["n_head"]:
+        raise CheckpointFormatError(f"{where}: n_embd {args['n_embd']} is not a multiple of n_head {args['n_head']}")
+    dropout = args.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout <= 1:
+        raise CheckpointFormatError(f"{where}: 'dropout' is {dropout!r}, not a number in [0, 1]")
+    return dict(args)
 
 
 def gpt2_state(state: dict[str, torch.Tensor], args: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -68,6 +83,17 @@ def gpt2_state(state: dict[str, torch.Tensor], args: dict[str, Any]) -> dict[str
     return out
 
 
+def _tokenizer_files(folder: Path) -> dict[str, Path]:
+    """The tokenizer files of ``folder`` by the rule every output follows (sources/extras.py); its model
+    config is not one of them: the converted model has its own."""
+    if not folder.is_dir():
+        raise CheckpointFormatError(f"{folder}: --tokenizer needs a folder of tokenizer files")
+    found = {n: p for n, p in extra_files(folder).items() if n not in ("config.json", "generation_config.json")}
+    if not found:
+        raise CheckpointFormatError(f"{folder}: no tokenizer files (looked for tokenizer.json, vocab.json, ...)")
+    return found
+
+
 def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: bool = False) -> Path:
     """Write a GPT-2 folder at ``out`` (built beside it under a temporary name, then renamed)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -75,6 +101,7 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
     state, args = load_nanogpt(src)
+    tokenizer_files = {} if tokenizer is None else _tokenizer_files(tokenizer)
     config = GPT2Config(
         vocab_size=int(args["vocab_size"]),
         n_positions=int(args["block_size"]),
@@ -96,10 +123,8 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.to(state["transformer.wte.weight"].dtype).save_pretrained(tmp)  # type: ignore[arg-type]
-        if tokenizer is not None:
-            for f in tokenizer.iterdir():
-                if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
-                    shutil.copy2(f, tmp / f.name)
+        for name, f in tokenizer_files.items():
+            shutil.copy2(f, tmp / name)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)

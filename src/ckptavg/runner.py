@@ -76,17 +76,17 @@ def execute(
             return bool(failure) and keeps_progress(failure[0])
 
         # Config and tokenizer files of each output's newest member (downloaded first for a Hub run).
-        extra_files: dict[int, list[Path]] = {}
+        extra_files: dict[int, dict[str, Path]] = {}
         for m in newest:
             c = plan.members[m]
-            extra_files[m] = list(c.extra_files)
+            extra_files[m] = dict(c.extra_files)
             remote = c.remote
             if remote is not None:
-                extra_files[m] = []
+                extra_files[m] = {}
                 for f in sorted(remote.extras):
                     path, _ = remote.download(f)
                     stack.callback(lambda r=remote, f=f: r.done_with(f, keep=keep()))  # type: ignore[misc]
-                    extra_files[m].append(path)
+                    extra_files[m][f] = path
 
         writers: list[FolderWriter] = []
 

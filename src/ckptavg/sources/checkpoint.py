@@ -114,7 +114,7 @@ class Checkpoint:
     entries: dict[str, TensorEntry]  # in storage order
     aliases: dict[str, str] = field(default_factory=dict)  # tied name -> the name whose bytes it shares
     files: list[Path] = field(default_factory=list)  # local weight files, for provenance and sizes
-    extra_files: list[Path] = field(default_factory=list)  # config and tokenizer files to copy (sources/extras.py)
+    extra_files: dict[str, Path] = field(default_factory=dict)  # output name -> file to copy (sources/extras.py)
     meta: dict[str, object] = field(default_factory=dict)  # format specifics (nanoGPT model_args ...)
     remote: Remote | None = None  # set when the weight files are still on a Hub
     path: Path | None = None  # the local folder or file it was read from
@@ -160,6 +160,19 @@ def read_slice(
             f"got {got}); the file is truncated"
         )
     return view.view(dtype)
+
+
+def read_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of a local checkpoint in memory, tied names included (for small models: ``convert``)."""
+    state: dict[str, torch.Tensor] = {}
+    with FileTable() as files:
+        reader = checkpoint.open(files)
+        for name, e in checkpoint.entries.items():
+            buf = torch.empty(e.info.nbytes, dtype=torch.uint8)
+            state[name] = reader.read(name, 0, e.info.numel, buf).clone().reshape(e.info.shape)
+    for alias, name in checkpoint.aliases.items():
+        state[alias] = state[name]
+    return state
 
 
 class FileTable:

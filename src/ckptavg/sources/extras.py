@@ -45,9 +45,9 @@ def is_extra_file(name: str) -> bool:
     return name in EXTRA_FILES
 
 
-def extra_files(folder: Path) -> list[Path]:
-    """The allowed extra files of a local checkpoint folder, as the real files to copy (links resolved)."""
-    found = []
+def extra_files(folder: Path) -> dict[str, Path]:
+    """The allowed extra files of a local checkpoint folder: output name -> the real file to copy."""
+    found = {}
     for name in sorted(EXTRA_FILES):
         path = folder / name
         if not os.path.lexists(path):
@@ -60,7 +60,7 @@ def extra_files(folder: Path) -> list[Path]:
             )
         if not real.is_file():
             raise CheckpointFormatError(f"{path}: not a regular file")
-        found.append(real)
+        found[name] = real
     return found
 
 
@@ -69,8 +69,4 @@ def _within(real: Path, folder: Path) -> bool:
     if real.is_relative_to(root):
         return True
     # A snapshot of the huggingface_hub cache: <repo>/snapshots/<commit>/<file> -> <repo>/blobs/<hash>.
-    absolute = Path(os.path.normpath(folder.absolute()))
-    if absolute.parent.name == "snapshots":
-        blobs = Path(os.path.realpath(absolute.parent.parent / "blobs"))
-        return real.parent == blobs
-    return False
+    return root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"

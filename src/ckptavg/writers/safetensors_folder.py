@@ -130,7 +130,7 @@ class FolderWriter:
         *,
         aliases: dict[str, str],
         provenance: dict[str, object],
-        extra_files: list[Path],
+        extra_files: dict[str, Path],
         config_dtype: str | None = None,
         max_shard_size: int,
         overwrite: bool,
@@ -352,11 +352,11 @@ class FolderWriter:
                 weight_map = {n: self.names[i] for i, s in enumerate(self.shards) for n, _ in s}
                 index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
                 (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            for f in self.extra_files:
-                if f.name == "config.json" and self.config_dtype:
-                    _write_config_dtype(f, self.tmp / f.name, self.config_dtype)
+            for name, f in self.extra_files.items():  # the names of sources/extras.py: plain file names
+                if name == "config.json" and self.config_dtype:
+                    _write_config_dtype(f, self.tmp / name, self.config_dtype)
                 else:
-                    shutil.copy2(f, self.tmp / f.name)
+                    shutil.copy2(f, self.tmp / name)
             (self.tmp / PROVENANCE_FILE).write_text(json.dumps(self.provenance, indent=2, sort_keys=True) + "\n")
             for p in sorted(self.tmp.iterdir()):  # what we wrote here, and what the caller added (ckpt.pt)
                 if p.name not in self.names and p.name != _PROGRESS and p.is_file():
