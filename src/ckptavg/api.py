@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ckptavg import __version__, engine, runner, schedule
-from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OutputError
+from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OptionError, OutputError
 from ckptavg.progress import Reporter
 from ckptavg.sources import Checkpoint, Source, open_checkpoint, open_run
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
@@ -374,6 +374,13 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
         raise InvalidArgumentError(f"accumulate must be float32 or float64, got {opts.accumulate}")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {opts.dtype}")
+    if opts.write_ckpt:
+        other = next((c for c in plan.members.values() if c.format != "nanogpt"), None)
+        if other is not None:
+            raise OptionError(
+                "--format ckpt",
+                f"writes nanoGPT's ckpt.pt, from nanoGPT sources only ({other.label} is {other.format})",
+            )
     device = _device(opts.device)
     _raise_open_file_limit()
     check_inputs_untouched(plan)

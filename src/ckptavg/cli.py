@@ -78,8 +78,12 @@ class _Cli(click.Group):
                 raise
             except CkptavgError as e:
                 if not os.environ.get("CKPTAVG_DEBUG"):
-                    raise click.ClickException(_redact_all(redactor, str(e))) from e
+                    message = _redact_all(redactor, str(e))
+                    if e.exit_code == click.UsageError.exit_code:  # e.g. OptionError: options that cannot go together
+                        raise click.UsageError(message, ctx) from e
+                    raise click.ClickException(message) from e
                 _print_traceback(redactor, e)
+                raise SystemExit(e.exit_code) from e
             except Exception as e:  # a bug: its traceback, as Python would print it, but redacted
                 _print_traceback(redactor, e)
             raise SystemExit(1)  # not click's Exit, which main(standalone_mode=False) would return, not exit with
@@ -395,8 +399,6 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
     if kw["dry_run"]:
         _emit_plan(plan, kw["as_json"], kw["disk_budget"])
         return
-    if kw["fmt"] == "ckpt" and any(c.format != "nanogpt" for c in plan.members.values()):
-        raise click.UsageError("--format ckpt is for nanoGPT sources")
     for path in api.average(plan, _options(kw), Reporter(quiet=kw["quiet"])):
         click.echo(json.dumps({"out": str(path)}) if kw["as_json"] else str(path))
 

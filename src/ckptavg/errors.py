@@ -12,9 +12,22 @@ from collections.abc import Iterable
 class CkptavgError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in ckptavg."""
 
+    exit_code = 1  # what the CLI exits with
+
 
 class InvalidArgumentError(CkptavgError):
     """Parameters that cannot describe a valid averaging (k < 1, decay outside (0, 1), ...)."""
+
+
+class OptionError(InvalidArgumentError):
+    """Options that cannot go together, or a value no run could satisfy: a usage error (exit code 2)."""
+
+    exit_code = 2
+
+    def __init__(self, option: str, detail: str) -> None:
+        self.option = option
+        self.detail = detail
+        super().__init__(f"{option}: {detail}")
 
 
 class StepNotFoundError(CkptavgError):
@@ -68,11 +81,31 @@ class OutputError(CkptavgError):
 class HubError(CkptavgError):
     """A request to a Hub failed for good: the repository, a revision or a file cannot be had as asked."""
 
-    def __init__(self, message: str, *, repo: str = "", revision: str | None = None, filename: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        repo: str = "",
+        revision: str | None = None,
+        filename: str | None = None,
+        status: int | None = None,
+    ):
         super().__init__(message)
         self.repo = repo
         self.revision = revision
         self.filename = filename
+        self.status = status  # the HTTP status that decided it, when there was one
+
+
+class RevisionMovedError(HubError):
+    """A revision (a branch) pointed to another commit in the middle of a run."""
+
+    def __init__(self, repo: str, revision: str) -> None:
+        super().__init__(
+            f"{repo}@{revision} moved to another commit while this run used it; run it again",
+            repo=repo,
+            revision=revision,
+        )
 
 
 class HubUnavailableError(HubError):
@@ -101,6 +134,15 @@ class HubUnavailableError(HubError):
 class UnsafeServerValueError(HubError):
     """A value from the server (file name, index entry, revision name, commit hash, ETag) would make a
     path outside the repository's cache folder, or is not what that field can hold."""
+
+
+class CacheDirError(InvalidArgumentError):
+    """The download cache (``--cache-dir``, or huggingface_hub's) cannot be a writable folder."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{path}: cannot be the download cache: {detail}")
 
 
 class TokenError(InvalidArgumentError):

@@ -30,7 +30,15 @@ from threading import Event
 from typing import Any, BinaryIO, cast
 from urllib.parse import quote, urldefrag, urljoin, urlsplit
 
-from ckptavg.errors import CheckpointFormatError, CkptavgError, HubError, StepNotFoundError, UnsafeServerValueError
+from ckptavg.errors import (
+    CacheDirError,
+    CheckpointFormatError,
+    HubError,
+    InvalidArgumentError,
+    RevisionMovedError,
+    StepNotFoundError,
+    UnsafeServerValueError,
+)
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo
 from ckptavg.sources.extras import is_extra_file
 from ckptavg.sources.hf_folder import WEIGHT_FILES, open_weight_file
@@ -58,7 +66,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def _template_regex(template: str) -> re.Pattern[str]:
     if "{step}" not in template:
-        raise CkptavgError(f"--revision-template {template!r} needs a {{step}} placeholder")
+        raise InvalidArgumentError(f"--revision-template {template!r} needs a {{step}} placeholder")
     head, _, tail = template.partition("{step}")
     return re.compile(f"^{re.escape(head)}(\\d+){re.escape(tail)}$")
 
@@ -115,9 +123,9 @@ class HubSource:
             if m:
                 self.revisions[int(m.group(1))] = (name, commit)
         if not self.revisions and self.offline:
-            raise CkptavgError(f"{repo}: HF_HUB_OFFLINE is set and {self.repo_cache} holds no revision of it")
+            raise HubError(f"{repo}: HF_HUB_OFFLINE is set and {self.repo_cache} holds no revision of it", repo=repo)
         if not self.revisions:
-            raise CkptavgError(f"{repo}: no revision matches {template!r} (use --revision-template)")
+            raise HubError(f"{repo}: no revision matches {template!r} (use --revision-template)", repo=repo)
 
     def _call(self, fn: Any, *, what: str) -> Any:
         from huggingface_hub.errors import (
@@ -135,28 +143,38 @@ class HubSource:
         except (GatedRepoError, RepositoryNotFoundError) as e:
             status = getattr(getattr(e, "response", None), "status_code", None)
             if status == 403:
-                raise CkptavgError(
+                raise HubError(
                     f"{where}: access refused (HTTP 403); this token cannot read it (gated: accept its terms "
-                    "on the Hub with the token's account)"
+                    "on the Hub with the token's account)",
+                    repo=self.repo,
+                    status=403,
                 ) from e
             if status == 401 or isinstance(e, GatedRepoError):
-                raise CkptavgError(f"{where}: access refused; a token is needed (--token or HF_TOKEN)") from e
-            raise CkptavgError(f"{where}: repository not found (or private: pass --token)") from e
+                raise HubError(
+                    f"{where}: access refused; a token is needed (--token or HF_TOKEN)", repo=self.repo, status=status
+                ) from e
+            raise HubError(
+                f"{where}: repository not found (or private: pass --token)", repo=self.repo, status=status
+            ) from e
         except RevisionNotFoundError as e:
-            raise CkptavgError(f"{where}: revision not found while trying to {what}") from e
+            raise HubError(f"{where}: revision not found while trying to {what}", repo=self.repo, status=404) from e
         except EntryNotFoundError as e:
-            raise CkptavgError(f"{where}: file not found while trying to {what}") from e
+            raise HubError(f"{where}: file not found while trying to {what}", repo=self.repo, status=404) from e
         except LocalEntryNotFoundError as e:
-            raise CkptavgError(f"{where}: not in the local cache and the Hub cannot be reached ({what})") from e
+            raise HubError(
+                f"{where}: not in the local cache and the Hub cannot be reached ({what})", repo=self.repo
+            ) from e
         except HfHubHTTPError as e:
-            status = getattr(getattr(e, "response", None), "status_code", "?")
-            raise CkptavgError(f"{where}: the server answered HTTP {status} while trying to {what}") from e
+            code = getattr(getattr(e, "response", None), "status_code", None)
+            raise HubError(
+                f"{where}: the server answered HTTP {code or '?'} while trying to {what}", repo=self.repo, status=code
+            ) from e
         except Exception as e:
             # The client's transport errors (connection refused, dropped mid-file after its retries,
             # timeouts) come from its HTTP library, whose name changes between versions: match on that.
             if isinstance(e, OSError) or type(e).__module__.split(".")[0].startswith(("httpx", "httpcore")):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-                raise CkptavgError(f"{where}: cannot {what} ({e.__class__.__name__}: {first})") from e
+                raise HubError(f"{where}: cannot {what} ({e.__class__.__name__}: {first})", repo=self.repo) from e
             raise
 
     def _download_cached(self, step: int, filename: str) -> Path:
@@ -178,7 +196,7 @@ class HubSource:
             )
         )
         if commit not in path.parts:
-            raise CkptavgError(f"{self.repo}@{name} moved to another commit while this run used it; run it again")
+            raise RevisionMovedError(self.repo, name)
         return path
 
     def _download(self, step: int, filename: str, size: int | None, cancel: Event | None = None) -> Path:
@@ -198,12 +216,22 @@ class HubSource:
             action="asking for its size and ETag (HEAD)",
         )
         if size is not None and meta.size != size:
-            raise CkptavgError(f"{where}: the server announces {meta.size} bytes but listed {size}")
+            raise HubError(
+                f"{where}: the server announces {meta.size} bytes but listed {size}",
+                repo=self.repo,
+                revision=name,
+                filename=filename,
+            )
         if meta.etag is None or meta.location is None or meta.size is None:
-            raise CkptavgError(f"{where}: the server sent no ETag or size; cannot cache it")
+            raise HubError(
+                f"{where}: the server sent no ETag or size; cannot cache it",
+                repo=self.repo,
+                revision=name,
+                filename=filename,
+            )
         if meta.commit_hash is not None and meta.commit_hash != commit:
             _check_commit(meta.commit_hash, where, "the X-Repo-Commit of its HEAD")
-            raise CkptavgError(f"{self.repo}@{name} moved to another commit while this run used it; run it again")
+            raise RevisionMovedError(self.repo, name)
         etag = _check_etag(meta.etag, where, "the ETag of its HEAD")
         blobs = self.repo_cache / "blobs"
         blob = blobs / etag
@@ -627,8 +655,11 @@ class HubFiles:
         if expected is not None and got != expected:
             self.hub.done_with(self.step, filename)
             name, _ = self.hub.revisions[self.step]
-            raise CkptavgError(
-                f"{self.hub.repo}@{name}/{filename}: the cache holds {got} bytes but the server lists {expected}"
+            raise HubError(
+                f"{self.hub.repo}@{name}/{filename}: the cache holds {got} bytes but the server lists {expected}",
+                repo=self.hub.repo,
+                revision=name,
+                filename=filename,
             )
         return path, fetched
 
@@ -697,9 +728,9 @@ def _check_cache_dir(path: Path) -> None:
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if not probe.is_dir():
-        raise CkptavgError(f"{path}: cannot be the download cache: {probe} is a file, not a folder")
+        raise CacheDirError(path, f"{probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise CkptavgError(f"{path}: cannot be the download cache: {probe} is not writable")
+        raise CacheDirError(path, f"{probe} is not writable")
 
 
 # ---------------------------------------------------------------- partial downloads
