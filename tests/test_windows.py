@@ -171,3 +171,32 @@ def test_explicit_weights_refused(weights: list[float], message: str):
         explicit_window(len(weights) if len(weights) > 1 else 2, weights)
     assert str(e.value) == message
 
+
+def test_step_range_numbers_past_int64_are_refused():
+    with pytest.raises(ValueError, match=r"^step range '0:9{38}\.\.\.' has a number of more than 18 digits"):
+        parse_step_range("0:" + "9" * 5000)  # quoted short; int() alone would fail on 4300+ digits
+    assert parse_step_range("0:999999999999999999") == StepRange(0, 10**18 - 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0:1:1e-300", "'0:1:1e-300' makes 1e+300 points; at most 10001: give a larger STEP"),
+        ("-1e308:1e308:1", "'-1e308:1e308:1' makes inf points"),
+        ("0:nan:0.1", "'0:nan:0.1': every number must be finite"),
+        ("inf", "'inf': every number must be finite"),
+        ("0:2:0.5", "'0:2:0.5': every point must lie in 0..1"),
+        ("-0.5", "'-0.5': every point must lie in 0..1"),
+    ],
+)
+def test_float_range_is_bounded(text: str, message: str):
+    import click
+
+    from ckptavg.steps import STEP_RANGE_FLOAT, FloatRangeType
+
+    kind = FloatRangeType() if text.startswith("-1e308") else STEP_RANGE_FLOAT
+    with pytest.raises(click.BadParameter) as e:
+        kind.convert(text, None, None)
+    assert e.value.message.startswith(message), e.value.message
+    assert STEP_RANGE_FLOAT.convert("0:1:0.25", None, None) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert len(STEP_RANGE_FLOAT.convert("0:1:0.0001", None, None)) == 10001  # the most points allowed
