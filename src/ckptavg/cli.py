@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 
 from ckptavg import __version__
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, InvalidArgumentError
+from ckptavg.sizes import SIZE
 from ckptavg.steps import STEP_RANGE, STEP_RANGE_FLOAT
 from ckptavg.tokens import ENV, Redactor, resolve_token
 
@@ -117,38 +119,42 @@ def cli() -> None:
     """
 
 
-def parse_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``2GiB`` or a byte count (decimal units, as transformers reads them)."""
-    t = text.strip().upper().replace(" ", "")
-    units = {
-        "KIB": 1 << 10,
-        "MIB": 1 << 20,
-        "GIB": 1 << 30,
-        "TIB": 1 << 40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "B": 1,
-    }
-    for unit, mult in units.items():
-        number = t[: -len(unit)]
-        if t.endswith(unit) and number.replace(".", "", 1).isdigit():
-            return int(float(number) * mult)
-    if t.isdigit():
-        return int(t)
-    raise ValueError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB")
+# SLURM caps a job array at MaxArraySize, which may not exceed 4000001: task ids 0..4000000.
+MAX_TASKS = 4_000_001
+# Steps between windows or members, and the first SWA member: a step is never negative.
+STRIDE = click.IntRange(min=1)
+FIRST_STEP = click.IntRange(min=0)
 
 
-def _optional_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    return None if value is None else _size(ctx, param, value)
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (nan compares False with any bound, so passes it)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+class WeightsType(click.ParamType):
+    """``--weights 0.2,0.3,0.5``: finite, non-negative, not all zero; checked before any checkpoint is read."""
+
+    name = "W1,W2,..."
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> list[float]:
+        if isinstance(value, list):
+            return value
+        from ckptavg.windows import normalise_weights
+
+        try:
+            weights = [float(x) for x in str(value).split(",")]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers, e.g. 0.2,0.3,0.5", param, ctx)
+        try:
+            normalise_weights(weights)
+        except InvalidArgumentError as e:
+            raise click.UsageError(str(e), ctx) from e  # its message names --weights already
+        return weights
 
 
 def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -165,8 +171,8 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--dry-run", is_flag=True, help="Print the plan (members, weights, bytes to read) and stop."),
             click.option(
                 "--disk-budget",
+                type=SIZE,
                 default=None,
-                callback=_optional_size,
                 help="--repo: most bytes of downloads on disk at once [default: one window's].",
             ),
             click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of plain paths."),
@@ -193,9 +199,9 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--max-shard-size",
+                type=SIZE,
                 default="5GB",
                 show_default=True,
-                callback=_size,
                 help="Split output weights into shards of at most this size.",
             ),
             click.option(
@@ -214,18 +220,18 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--task-index",
-                type=click.IntRange(min=0),
+                type=click.IntRange(min=0, max=MAX_TASKS - 1),
                 default=None,
                 help="Do only this task's share of the outputs [default: $SLURM_ARRAY_TASK_ID - _MIN].",
             ),
             click.option(
                 "--num-tasks",
-                type=click.IntRange(min=1),
+                type=click.IntRange(min=1, max=MAX_TASKS),
                 default=None,
                 help="Number of tasks the outputs are split into [default: $SLURM_ARRAY_TASK_COUNT, or 1].",
             ),
             click.option("--quiet", "-q", is_flag=True, help="No progress or log lines on stderr."),
-            click.option("--chunk", type=click.IntRange(min=1024), default=None, hidden=True),
+            click.option("--chunk", type=click.IntRange(min=1024, max=1 << 24), default=None, hidden=True),
         ]
     ):
         f = opt(f)
@@ -285,12 +291,12 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--retry-time",
-                type=click.FloatRange(min=0),
+                type=FiniteFloatRange(min=0, max=7 * 24 * 3600),
                 default=600,
                 show_default=True,
                 metavar="SECONDS",
                 help="Keep retrying a Hub request that fails with HTTP 429/5xx or a dropped connection for this "
-                "long without progress, then stop with one line (the same command resumes).",
+                "long without progress (at most a week), then stop with one line (the same command resumes).",
             ),
         ]
     ):
@@ -345,22 +351,57 @@ def _options(kw: dict[str, Any]) -> Any:
     )
 
 
+_ID, _MIN, _COUNT = "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"
+
+
 def task_from_env(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
     """This process's task: explicit options win; else a SLURM job array says (its ids made 0-based).
 
     An explicit --num-tasks takes SLURM_ARRAY_TASK_ID as the absolute index: a resubmitted subset of an
     array (``--array=5,17``) has SLURM_ARRAY_TASK_COUNT=2 and _MIN=5, which describe only the subset.
+
+    A SLURM variable that is not a whole number, or an id outside the array it describes, is the
+    environment's fault, not the command line's: InvalidArgumentError (one line naming the variable, exit
+    1). A --task-index outside --num-tasks is a usage error (exit 2).
     """
     env = os.environ
-    if num_tasks is None and task_index is None and "SLURM_ARRAY_TASK_ID" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    if num_tasks is None and task_index is None and _ID in env:
+        tid, first = _env_int(_ID), _env_int(_MIN, 0)
+        count = _env_int(_COUNT, 1, minimum=1)
+        if not first <= tid < first + count:
+            raise InvalidArgumentError(
+                f"{_ID}={tid} is outside {first}..{first + count - 1}, the array that {_MIN}={first} and "
+                f"{_COUNT}={count} describe; for an array with gaps (--array=5,17) give --num-tasks N"
+            )
+        return tid - first, count
     count = num_tasks or 1
-    if task_index is None:
-        task_index = int(env["SLURM_ARRAY_TASK_ID"]) if "SLURM_ARRAY_TASK_ID" in env and num_tasks else 0
+    if task_index is None and _ID in env and num_tasks:
+        task_index = _env_int(_ID)
+        if task_index >= count:
+            raise InvalidArgumentError(f"{_ID}={task_index} is outside 0..{count - 1} (--num-tasks {count})")
+    task_index = task_index or 0
     if task_index >= count:
         raise click.UsageError(f"--task-index {task_index} is outside 0..{count - 1} (--num-tasks {count})")
     return task_index, count
+
+
+def _env_int(name: str, default: int | None = None, minimum: int = 0) -> int:
+    """A SLURM variable's whole number: ASCII digits only (int() would take '+3', '3_0' and '٣')."""
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    digits = (text or "").strip()
+    shown = text if text is None or len(text) <= 40 else text[:40] + "..."
+    if not (digits.isascii() and digits.isdigit()):
+        raise InvalidArgumentError(
+            f"{name}={shown!r} is not a whole number; "
+            "run inside a SLURM job array, or give --task-index and --num-tasks"
+        )
+    if len(digits.lstrip("0")) > 7 or int(digits) > MAX_TASKS:
+        raise InvalidArgumentError(f"{name}={shown!r} is past the largest SLURM job array ({MAX_TASKS} tasks)")
+    if int(digits) < minimum:
+        raise InvalidArgumentError(f"{name}={shown!r} is below {minimum}")
+    return int(digits)
 
 
 # The options of each run-based method, named as in its api.plan_* function.
@@ -379,14 +420,7 @@ def _plan(name: str, kw: dict[str, Any]) -> Plan:
         planner = getattr(api, f"plan_{name}")
         params = {p: kw[p] for p in _METHOD_PARAMS[name]}
         return planner(_source(kw), kw["steps"], out=kw["out"], allow_legacy=legacy, **params)
-    weights = None
-    if kw["weights"] is not None:
-        try:
-            weights = [float(x) for x in kw["weights"].split(",")]
-        except ValueError as e:
-            raise click.BadParameter(
-                f"{kw['weights']!r} is not a comma-separated list of numbers", param_hint="--weights"
-            ) from e
+    weights = kw["weights"]  # parsed and checked by WeightsType
     run = _source({**kw, "run": None}) if kw.get("repo") else None  # then CHECKPOINTS are step numbers
     return api.plan_avg(list(kw["checkpoints"]), weights=weights, out=kw["out"], allow_legacy=legacy, run=run)
 
@@ -395,7 +429,8 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
     from ckptavg import api
     from ckptavg.progress import Reporter
 
-    plan = api.task_share(_plan(name, kw), *task_from_env(kw["task_index"], kw["num_tasks"]))
+    task = task_from_env(kw["task_index"], kw["num_tasks"])  # a bad SLURM variable fails before any planning
+    plan = api.task_share(_plan(name, kw), *task)
     if kw["dry_run"]:
         _emit_plan(plan, kw["as_json"], kw["disk_budget"])
         return
@@ -412,13 +447,13 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
     "--k-stepsize",
     "--nu",
     "k_stepsize",
-    type=int,
+    type=STRIDE,
     default=None,
     help="Training steps between window members (nu) [default: the run's checkpoint spacing].",
 )
 @click.option(
     "--interval",
-    type=int,
+    type=STRIDE,
     default=None,
     help="Training steps between window ends [default: the run's checkpoint spacing].",
 )
@@ -445,8 +480,8 @@ def lawa(**kw: Any) -> None:
     help="The EMA runs over checkpoints START..END; outputs at START, START+INTERVAL, ...",
 )
 @click.option("--decay", type=float, default=0.9, show_default=True, help="ema = decay*ema + (1-decay)*x.")
-@click.option("--interval", type=int, default=None, help="Steps between outputs [default: checkpoint spacing].")
-@click.option("--every", type=int, default=None, help="Use only checkpoints START, START+EVERY, ... [default: all].")
+@click.option("--interval", type=STRIDE, default=None, help="Steps between outputs [default: checkpoint spacing].")
+@click.option("--every", type=STRIDE, default=None, help="Use only checkpoints START, START+EVERY, ... [default: all].")
 @_write_options
 def ema(**kw: Any) -> None:
     """EMA over the checkpoint sequence: ema = decay*ema + (1-decay)*x, written at every INTERVAL steps.
@@ -461,9 +496,9 @@ def ema(**kw: Any) -> None:
 @click.argument("run", required=False)
 @_source_options
 @click.option("--steps", type=STEP_RANGE, required=True, help="Output steps START:END[:INTERVAL].")
-@click.option("--start", type=int, default=None, help="First averaged checkpoint [default: START of --steps].")
-@click.option("--every", type=int, default=None, help="Steps between averaged checkpoints [default: spacing].")
-@click.option("--interval", type=int, default=None, help="Steps between outputs [default: --every].")
+@click.option("--start", type=FIRST_STEP, default=None, help="First averaged checkpoint [default: START of --steps].")
+@click.option("--every", type=STRIDE, default=None, help="Steps between averaged checkpoints [default: spacing].")
+@click.option("--interval", type=STRIDE, default=None, help="Steps between outputs [default: --every].")
 @_write_options
 def swa(**kw: Any) -> None:
     """SWA: the uniform mean of checkpoints START, START+EVERY, ... up to each output step.
@@ -477,7 +512,12 @@ def swa(**kw: Any) -> None:
 @cli.command()
 @click.argument("checkpoints", nargs=-1, required=True)
 @_source_options
-@click.option("--weights", default=None, help="Comma-separated weights, one per checkpoint (normalised).")
+@click.option(
+    "--weights",
+    type=WeightsType(),
+    default=None,
+    help="Comma-separated weights, one per checkpoint (normalised; finite, >= 0, not all zero).",
+)
 @_write_options
 def avg(**kw: Any) -> None:
     """Average explicit checkpoints (folders or nanoGPT .pt files; with --repo, step numbers), optionally weighted.
@@ -495,11 +535,11 @@ def avg(**kw: Any) -> None:
 @click.option("--method", type=click.Choice(["lawa", "ema", "swa"]), default="lawa", show_default=True)
 @click.option("--steps", type=STEP_RANGE, required=True, help="Output steps START:END[:INTERVAL].")
 @click.option("--k", type=int, default=5, show_default=True, help="lawa: checkpoints per window.")
-@click.option("--k-stepsize", "--nu", "k_stepsize", type=int, default=None, help="lawa: steps between members.")
-@click.option("--interval", type=int, default=None, help="Steps between outputs.")
+@click.option("--k-stepsize", "--nu", "k_stepsize", type=STRIDE, default=None, help="lawa: steps between members.")
+@click.option("--interval", type=STRIDE, default=None, help="Steps between outputs.")
 @click.option("--decay", type=float, default=0.9, show_default=True, help="ema: decay.")
-@click.option("--start", type=int, default=None, help="swa: first averaged checkpoint.")
-@click.option("--every", type=int, default=None, help="ema/swa: steps between used checkpoints.")
+@click.option("--start", type=FIRST_STEP, default=None, help="swa: first averaged checkpoint.")
+@click.option("--every", type=STRIDE, default=None, help="ema/swa: steps between used checkpoints.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per output.")
 @click.option("--allow-legacy-pickle", is_flag=True)
@@ -589,7 +629,7 @@ def status(as_json: bool, array_only: bool, command: tuple[str, ...]) -> None:
 @cli.command(context_settings=_PASS_THROUGH)
 @click.option(
     "--num-tasks",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_TASKS),
     default=None,
     help="Array size [default: one task per 4 outputs, at most 32].",
 )
