@@ -86,6 +86,13 @@ def _plan_from_run(run: Source, method: str, params: dict[str, Any], windows: li
     return plan
 
 
+def _given(value: int | None, name: str) -> int | None:
+    """A stride the caller gave (None: the default): a 0 is refused, not silently taken as the default."""
+    if value is not None and value < 1:
+        raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def _run(source: str | Source, allow_legacy: bool) -> Source:
     return open_run(source, allow_legacy=allow_legacy) if isinstance(source, str) else source
 
@@ -102,8 +109,8 @@ def plan_lawa(
 ) -> Plan:
     run = _run(source, allow_legacy)
     spacing = checkpoint_spacing(run.steps())
-    nu = k_stepsize or spacing
-    every = interval or steps.every or spacing
+    nu = _given(k_stepsize, "k_stepsize") or spacing
+    every = _given(interval, "interval") or steps.every or spacing
     windows = lawa_windows(run.steps(), steps, k=k, interval=every, nu=nu, source=run.label)
     return _plan_from_run(run, "lawa", {"k": k, "k_stepsize": nu, "interval": every, "steps": str(steps)}, windows, out)
 
@@ -119,7 +126,7 @@ def plan_ema(
     allow_legacy: bool = False,
 ) -> Plan:
     run = _run(source, allow_legacy)
-    ends = interval or steps.every or checkpoint_spacing(run.steps())
+    ends = _given(interval, "interval") or steps.every or checkpoint_spacing(run.steps())
     windows = ema_windows(run.steps(), steps, decay=decay, interval=ends, every=every, source=run.label)
     params = {"decay": decay, "interval": ends, "every": every, "steps": str(steps)}
     return _plan_from_run(run, "ema", params, windows, out)
@@ -137,8 +144,8 @@ def plan_swa(
 ) -> Plan:
     run = _run(source, allow_legacy)
     first = steps.start if start is None else start
-    stride = every or checkpoint_spacing(run.steps())
-    ends = interval or steps.every or stride
+    stride = _given(every, "every") or checkpoint_spacing(run.steps())
+    ends = _given(interval, "interval") or steps.every or stride
     windows = swa_windows(run.steps(), steps, start=first, every=stride, interval=ends, source=run.label)
     params = {"start": first, "every": stride, "interval": ends, "steps": str(steps)}
     return _plan_from_run(run, "swa", params, windows, out)
