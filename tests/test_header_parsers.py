@@ -1,0 +1,318 @@
+"""The input boundary, one field at a time: every header field of a safetensors file, every record of a
+torch zip file and every entry of a shard index is checked before it is used, and a bad one is refused
+with one line that names the file and says what is wrong.
+
+Each test writes a real file (``safetensors.torch.save_file``, ``torch.save``), damages exactly one thing,
+and asserts the message fragment. The dtype tests average real files of every low-precision format through
+the CLI and compare against a float64 reference rounded to the dtype.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from ckptavg.cli import cli
+from ckptavg.errors import CheckpointFormatError
+from ckptavg.sources.safetensors_file import DTYPES, read_safetensors_header, read_safetensors_index
+
+# ---------------------------------------------------------------- safetensors headers
+
+
+def st_bytes(header: dict | str, data: bytes) -> bytes:
+    """A safetensors file from a header (a dict, or raw JSON text) and data bytes."""
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def parse(blob: bytes, label: str = "m.safetensors") -> dict:
+    return read_safetensors_header(io.BytesIO(blob), len(blob), Path(label))[0]
+
+
+def refused(blob: bytes, label: str = "m.safetensors") -> str:
+    with pytest.raises(CheckpointFormatError) as e:
+        parse(blob, label)
+    msg = str(e.value)
+    assert msg.startswith(f"{label}: ") and "\n" not in msg, msg
+    return msg
+
+
+W = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+def with_w(**fields: object) -> bytes:
+    return st_bytes({"w": {**W, **fields}}, bytes(8))
+
+
+def test_a_valid_header_parses(tmp_path: Path):
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(0), "c": torch.ones(4, dtype=torch.int8)}, tmp_path / "m")
+    entries, meta = read_safetensors_index(tmp_path / "m")
+    assert {n: (e.info.shape, e.info.dtype) for n, e in entries.items()} == {
+        "a": ((2, 3), torch.float32),
+        "b": ((0,), torch.float32),
+        "c": ((4,), torch.int8),
+    }
+
+
+def test_zero_size_tensor_at_another_tensors_start_is_accepted():
+    blob = st_bytes({"w": W, "z": {"dtype": "F32", "shape": [0, 5], "data_offsets": [0, 0]}}, bytes(8))
+    assert list(parse(blob)) == ["z", "w"]
+
+
+def test_header_that_is_not_an_object():
+    assert "header is a JSON array, not an object" in refused(st_bytes("[1, 2]", b""))
+
+
+def test_header_that_is_not_utf8():
+    raw = b'{"\xff": {}}'
+    assert "header is not UTF-8 (byte 2)" in refused(struct.pack("<Q", len(raw)) + raw)
+
+
+def test_header_cut_short_by_the_stream():
+    blob = with_w()
+    with pytest.raises(CheckpointFormatError, match="header cut short at 10 of"):
+        read_safetensors_header(io.BytesIO(blob[:18]), len(blob), Path("m.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('{"w": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 8]}}', "Exceeds the limit"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 8]}}', "NaN is not a JSON number"),
+        ('{"w": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 8]}}', "Infinity is not a JSON number"),
+        ('{"w": ', "header is not valid JSON (Expecting value"),
+    ],
+    ids=["int-of-5000-digits", "deep-nesting", "nan", "infinity", "cut-json"],
+)
+def test_json_that_python_would_choke_on(text: str, fragment: str):
+    assert fragment in refused(st_bytes(text, bytes(8)))
+
+
+def test_huge_float_exponent_is_not_a_shape():
+    text = '{"w": {"dtype": "F32", "shape": [1e99999], "data_offsets": [0, 8]}}'
+    assert "shape [Infinity] is not a list of non-negative integers" in refused(st_bytes(text, bytes(8)))
+
+
+def test_repeated_tensor_name_is_refused():
+    """The safetensors library silently accepts either copy; so does json.loads (the last one)."""
+    w = json.dumps(W)
+    text = f'{{"w": {w}, "w": {w}}}'
+    assert 'header repeats the key "w"' in refused(st_bytes(text, bytes(8)))
+
+
+@pytest.mark.parametrize(
+    "metadata, fragment",
+    [
+        ([], "__metadata__ is a JSON array, not an object of strings"),
+        ("pt", "__metadata__ is a JSON string, not an object of strings"),
+        ({"format": 1}, '__metadata__ value of "format" is a JSON number; the format allows only strings'),
+        ({"format": {"a": "b"}}, '__metadata__ value of "format" is a JSON object'),
+    ],
+)
+def test_metadata_must_be_an_object_of_strings(metadata: object, fragment: str):
+    assert fragment in refused(st_bytes({"__metadata__": metadata, "w": W}, bytes(8)))
+
+
+def test_null_metadata_reads_as_none_as_in_the_safetensors_library():
+    blob = st_bytes({"__metadata__": None, "w": W}, bytes(8))
+    assert read_safetensors_header(io.BytesIO(blob), len(blob), Path("m"))[1] == {}
+
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("", "a tensor has an empty name"),
+        ("a\x00b", 'tensor name "a\\u0000b" holds control characters'),
+        ("line\nbreak", 'tensor name "line\\nbreak" holds control characters'),
+        ("x\x85", "holds control characters"),
+    ],
+)
+def test_tensor_names_must_be_printable_and_non_empty(name: str, fragment: str):
+    assert fragment in refused(st_bytes({name: W}, bytes(8)))
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ([1, 2], "tensor 'w': header entry is a JSON array, not an object"),
+        ({"shape": [2], "data_offsets": [0, 8]}, "tensor 'w': header entry has no dtype"),
+        ({"dtype": "F32"}, "tensor 'w': header entry has no data_offsets, shape"),
+        ({**W, "byte_order": "big"}, "tensor 'w': header entry has unknown field(s) \"byte_order\""),
+    ],
+)
+def test_entry_must_hold_exactly_dtype_shape_and_offsets(spec: object, fragment: str):
+    assert fragment in refused(st_bytes({"w": spec}, bytes(8)))
+
+
+@pytest.mark.parametrize(
+    "dtype, fragment",
+    [
+        (4, "dtype is a JSON number, not a string"),
+        ("F128", 'unknown dtype "F128" (known: F64, F32'),
+        ("F4", "dtype F4 (packed 4-bit floats) is not supported"),
+        ("F6_E2M3", "dtype F6_E2M3 (packed 6-bit floats) is not supported"),
+        ("C64", "dtype C64 (complex numbers) is not supported"),
+    ],
+)
+def test_dtype_must_be_a_known_name(dtype: object, fragment: str):
+    assert fragment in refused(with_w(dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[2.0], [2.5], [True, 2], [-2], "2", 2, None, [[2]], [2**63]],
+    ids=["float", "fraction", "bool", "negative", "string", "number", "null", "nested", "past-int64"],
+)
+def test_shape_must_be_a_list_of_non_negative_ints(shape: object):
+    assert "is not a list of non-negative integers" in refused(with_w(shape=shape))
+
+
+def test_shape_whose_bytes_overflow_int64_is_refused_without_computing_them():
+    shape = [2**62] * 100_000  # a naive product has 6 million bits
+    msg = refused(with_w(shape=shape))
+    assert "needs more than the file's 8 bytes of data; the header is corrupt" in msg and len(msg) < 300
+
+
+@pytest.mark.parametrize(
+    "offsets, fragment",
+    [
+        ([0], "is not a pair of non-negative 64-bit integers"),
+        ([0, 8, 16], "is not a pair"),
+        ([0.0, 8], "is not a pair"),
+        ([False, 8], "is not a pair"),
+        ([-8, 0], "is not a pair"),
+        ([0, 2**64], "is not a pair"),
+        ({"begin": 0}, "is not a pair"),
+        ([8, 0], "data_offsets [8, 0) ends before it begins"),
+        ([0, 4], "bytes [0, 4), but shape [2] of F32 needs 8 bytes"),
+    ],
+)
+def test_data_offsets_must_be_an_ordered_pair_matching_the_shape(offsets: object, fragment: str):
+    assert fragment in refused(with_w(data_offsets=offsets))
+
+
+def test_long_values_are_cut_in_messages():
+    msg = refused(with_w(dtype="X" * 10_000))
+    assert len(msg) < 400 and '"XXXX' in msg and 'XXX... (known:' in msg
+
+
+# ---------------------------------------------------------------- dtypes end to end
+
+FLOAT8 = [DTYPES[c] for c in ("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0") if c in DTYPES]
+UINTS = [torch.uint16, torch.uint32, torch.uint64]
+STEPS = [1000, 2000, 3000, 4000]
+
+
+def write_steps(root: Path, dtype: torch.dtype) -> dict[int, dict[str, torch.Tensor]]:
+    """Steps of a small run in ``dtype``: a float tensor (averaged) unless dtype is an integer, and a
+    tensor big enough to straddle the engine's chunks."""
+    states = {}
+    for s in STEPS:
+        g = torch.Generator().manual_seed(s)
+        if dtype.is_floating_point:
+            x = torch.randn(70_000, generator=g, dtype=torch.float64) * (s / 1000)
+            if dtype == DTYPES.get("F8_E8M0"):  # scales: positive powers of two only
+                x = x.abs() + 2**-10
+            state = {"w": x.to(dtype), "scalar": x[:1].reshape(()).to(dtype)}
+        else:
+            top = min(torch.iinfo(dtype).max, 2**62)
+            state = {"w": torch.randint(0, top, (70_000,), generator=g, dtype=torch.int64).to(dtype)}
+        (root / f"step{s}").mkdir(parents=True)
+        save_file(state, root / f"step{s}" / "model.safetensors", metadata={"format": "pt"})
+        states[s] = state
+    return states
+
+
+def read_output(folder: Path) -> dict[str, torch.Tensor]:
+    """Read back with our own parser (the safetensors library cannot read every dtype it writes: F8_E8M0)."""
+    f = folder / "model.safetensors"
+    entries, _ = read_safetensors_index(f)
+    raw = f.read_bytes()
+    return {
+        n: torch.frombuffer(bytearray(raw[e.offset : e.offset + e.info.nbytes]), dtype=torch.uint8)
+        .view(e.info.dtype)
+        .reshape(e.info.shape)
+        if e.info.nbytes
+        else torch.empty(e.info.shape, dtype=e.info.dtype)
+        for n, e in entries.items()
+    }
+
+
+def mean_of(states: dict[int, dict[str, torch.Tensor]], steps: list[int], name: str) -> torch.Tensor:
+    dtype = states[steps[0]][name].dtype
+    return torch.stack([states[s][name].to(torch.float64) for s in steps]).mean(0).to(dtype)
+
+
+def run_cli(*args: object) -> None:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+# Means of two members and EMA with decay 0.5 are exact in float32, so the output must be the float64
+# reference rounded to the dtype, bit for bit, whichever reducer the plan picks.
+PLANS = {
+    "avg": (lambda run, out: ("avg", run / "step3000", run / "step4000", "--out", out), [3000, 4000]),
+    "lawa-disjoint-float32": (
+        lambda run, out: ("lawa", run, "--steps", "4000:4000", "--k", "2", "--out", out),
+        [3000, 4000],
+    ),
+    "lawa-overlapping-float64": (
+        lambda run, out: ("lawa", run, "--steps", "3000:4000", "--k", "2", "--out", out),
+        [3000, 4000],
+    ),
+    "ema": (
+        lambda run, out: ("ema", run, "--steps", "3000:4000", "--decay", "0.5", "--interval", "1000", "--out", out),
+        [3000, 4000],
+    ),
+}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("dtype", FLOAT8, ids=lambda d: str(d).removeprefix("torch."))
+def test_float8_is_averaged_in_float32_and_written_in_its_own_dtype(tmp_path: Path, dtype: torch.dtype, plan: str):
+    run, out = tmp_path / "run", tmp_path / "out"
+    states = write_steps(run, dtype)
+    make_args, members = PLANS[plan]
+    run_cli(*make_args(run, out))
+    folder = out if plan == "avg" else out / "step4000"
+    got = read_output(folder)
+    for name in ("w", "scalar"):
+        assert same_bits(got[name], mean_of(states, members, name)), name
+
+
+@pytest.mark.parametrize("dtype", UINTS, ids=lambda d: str(d).removeprefix("torch."))
+def test_wide_unsigned_integers_are_copied_from_the_newest_member(tmp_path: Path, dtype: torch.dtype):
+    run, out = tmp_path / "run", tmp_path / "out"
+    states = write_steps(run, dtype)
+    run_cli("lawa", run, "--steps", "4000:4000", "--k", "3", "--out", out)
+    assert same_bits(read_output(out / "step4000")["w"], states[4000]["w"])
+
+
+def test_nan_in_a_float8_member_is_named_not_a_crash(tmp_path: Path):
+    """torch has no isfinite for float8_e4m3fn: the check must upcast rather than raise."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    write_steps(run, torch.float8_e4m3fn)
+    f = run / "step3000" / "model.safetensors"
+    save_file(
+        {
+            "w": torch.full((70_000,), float("nan")).to(torch.float8_e4m3fn),
+            "scalar": torch.tensor(1.0).to(torch.float8_e4m3fn),
+        },
+        f,
+        metadata={"format": "pt"},
+    )
+    result = CliRunner().invoke(cli, ["lawa", str(run), "--steps", "4000:4000", "--k", "2", "--out", str(out)])
+    assert result.exit_code == 1
+    assert f"tensor 'w' holds NaN or Inf at step 3000 ({run / 'step3000'})" in result.stderr
