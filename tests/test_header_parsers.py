@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ckptavg.cli import cli
 from ckptavg.errors import CheckpointFormatError
+from ckptavg.sources.index import MAX_INDEX_BYTES, shard_files, weight_map
 from ckptavg.sources.safetensors_file import DTYPES, read_safetensors_header, read_safetensors_index
 
 # ---------------------------------------------------------------- safetensors headers
@@ -201,7 +202,7 @@ def test_data_offsets_must_be_an_ordered_pair_matching_the_shape(offsets: object
 
 def test_long_values_are_cut_in_messages():
     msg = refused(with_w(dtype="X" * 10_000))
-    assert len(msg) < 400 and '"XXXX' in msg and 'XXX... (known:' in msg
+    assert len(msg) < 400 and '"XXXX' in msg and "XXX... (known:" in msg
 
 
 # ---------------------------------------------------------------- dtypes end to end
@@ -316,3 +317,71 @@ def test_nan_in_a_float8_member_is_named_not_a_crash(tmp_path: Path):
     result = CliRunner().invoke(cli, ["lawa", str(run), "--steps", "4000:4000", "--k", "2", "--out", str(out)])
     assert result.exit_code == 1
     assert f"tensor 'w' holds NaN or Inf at step 3000 ({run / 'step3000'})" in result.stderr
+
+
+# ---------------------------------------------------------------- shard indexes
+
+INDEX = "run/step1/model.safetensors.index.json"
+
+
+def index_bytes(weight_map: object, **extra: object) -> bytes:
+    return json.dumps({"metadata": {"total_size": 12.0}, "weight_map": weight_map, **extra}).encode()
+
+
+def index_refused(raw: bytes) -> str:
+    with pytest.raises(CheckpointFormatError) as e:
+        shard_files(raw, INDEX)
+    msg = str(e.value)
+    assert msg.startswith(f"{INDEX}: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_shard_files_in_first_appearance_order():
+    raw = index_bytes({"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors", "d": "sub/m-3.bin"})
+    assert shard_files(raw, INDEX) == ["m-2.safetensors", "m-1.safetensors", "sub/m-3.bin"]
+    assert weight_map(raw, INDEX)["c"] == "m-2.safetensors"
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (b"[]", "index is a JSON array, not an object"),
+        (b'{"metadata": {}}', "index has no weight_map"),
+        (index_bytes(["a"]), "weight_map is a JSON array, not an object"),
+        (index_bytes({}), "weight_map is empty"),
+        (index_bytes({"a": 3}), "weight_map gives tensor 'a' a JSON number, not a file name"),
+        (b'{"weight_map": {"a": "x", "a": "y"}}', 'index repeats the key "a"'),
+        (b"\xff\xfe{}", "index is not UTF-8 (byte 0)"),
+        (index_bytes({"": "x"}), "a tensor has an empty name"),
+        (index_bytes({"a\nb": "x"}), 'tensor name "a\\nb" holds control characters'),
+    ],
+)
+def test_index_structure(raw: bytes, fragment: str):
+    assert fragment in index_refused(raw)
+
+
+@pytest.mark.parametrize(
+    "file, why",
+    [
+        ("", "is empty"),
+        ("../../x", "climbs out with '..'"),
+        ("a/../../x", "climbs out with '..'"),
+        ("/etc/hostname", "is an absolute path"),
+        ("a\\..\\x", "holds a backslash"),
+        ("C:x.bin", "starts with a drive letter"),
+        ("a//b.bin", "has an empty or '.' part"),
+        ("./a.bin", "has an empty or '.' part"),
+        ("a/", "has an empty or '.' part"),
+        ("a\x00.bin", "holds control characters"),
+        ("model.safetensors.index.json", "is an index, not a shard"),
+    ],
+)
+def test_index_file_names_must_be_plain_relative_paths(file: str, why: str):
+    msg = index_refused(index_bytes({"w": file}))
+    assert f"weight_map puts tensor 'w' in {json.dumps(file)}, which {why}" in msg
+    assert "inside the checkpoint folder" in msg
+
+
+def test_index_over_the_size_bound_is_refused_unread():
+    raw = b" " * (MAX_INDEX_BYTES + 1)
+    assert f"index is {MAX_INDEX_BYTES + 1} bytes, over the {MAX_INDEX_BYTES}" in index_refused(raw)

@@ -96,7 +96,7 @@ def read_safetensors_header(
     raw = f.read(n)
     if len(raw) < n:
         raise CheckpointFormatError(f"{label}: header cut short at {len(raw)} of {n} bytes (truncated?)")
-    header = _parse_json(raw, label)
+    header = parse_json_object(raw, label)
     metadata = _metadata(header.pop("__metadata__", None), label)
     data_start = 8 + n
     data_size = size - data_start
@@ -126,25 +126,26 @@ def read_safetensors_header(
     return {name: entry for _, _, name, entry in entries}, metadata
 
 
-def _parse_json(raw: bytes, label: str) -> dict[str, object]:
-    """The header as a dict. UTF-8 only (``json.loads`` of bytes would also guess UTF-16 and -32); a
-    repeated key is refused, since readers disagree on which copy wins (Python's json keeps the last, the
-    safetensors library accepts either silently); so are NaN and Infinity, which JSON does not have."""
+def parse_json_object(raw: bytes, label: str, what: str = "header") -> dict[str, object]:
+    """``raw`` as a JSON object, strictly: UTF-8 only (``json.loads`` of bytes would also guess UTF-16 and
+    -32); a repeated key is refused, since readers disagree on which copy wins (Python's json keeps the
+    last, the safetensors library accepts either silently); so are NaN and Infinity, which JSON does not
+    have, nesting deep enough to exhaust the stack, and ints past ``sys.get_int_max_str_digits()``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CheckpointFormatError(f"{label}: header is not UTF-8 (byte {e.start})") from e
+        raise CheckpointFormatError(f"{label}: {what} is not UTF-8 (byte {e.start})") from e
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except _DuplicateKey as e:
-        raise CheckpointFormatError(f"{label}: header repeats the key {_show(e.key)}") from e
+        raise CheckpointFormatError(f"{label}: {what} repeats the key {show(e.key)}") from e
     except RecursionError as e:
-        raise CheckpointFormatError(f"{label}: header is not valid JSON (nested too deeply)") from e
+        raise CheckpointFormatError(f"{label}: {what} is not valid JSON (nested too deeply)") from e
     except ValueError as e:  # JSONDecodeError, and int() of more digits than sys.get_int_max_str_digits()
-        raise CheckpointFormatError(f"{label}: header is not valid JSON ({_first_line(e)})") from e
-    if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{label}: header is a JSON {_kind(header)}, not an object")
-    return header
+        raise CheckpointFormatError(f"{label}: {what} is not valid JSON ({_first_line(e)})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{label}: {what} is a JSON {kind(obj)}, not an object")
+    return obj
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -165,39 +166,39 @@ def _metadata(value: object, label: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise CheckpointFormatError(f"{label}: __metadata__ is a JSON {_kind(value)}, not an object of strings")
+        raise CheckpointFormatError(f"{label}: __metadata__ is a JSON {kind(value)}, not an object of strings")
     for k, v in value.items():
         if not isinstance(v, str):
             raise CheckpointFormatError(
-                f"{label}: __metadata__ value of {_show(k)} is a JSON {_kind(v)}; the format allows only strings"
+                f"{label}: __metadata__ value of {show(k)} is a JSON {kind(v)}; the format allows only strings"
             )
     return dict(value)
 
 
 def _entry(name: str, spec: object, label: str, data_size: int) -> tuple[TensorInfo, int, int]:
     """One tensor's info and its [begin, end) in the data, each field checked."""
-    _check_name(name, label)
+    check_name(name, label)
     where = f"{label}: tensor '{name}'"
     if not isinstance(spec, dict):
-        raise CheckpointFormatError(f"{where}: header entry is a JSON {_kind(spec)}, not an object")
+        raise CheckpointFormatError(f"{where}: header entry is a JSON {kind(spec)}, not an object")
     missing = sorted(_ENTRY_KEYS - spec.keys())
     if missing:
         raise CheckpointFormatError(f"{where}: header entry has no {', '.join(missing)}")
     extra = sorted(spec.keys() - _ENTRY_KEYS)
     if extra:  # a field we do not know might change how the bytes read; refuse rather than guess
-        shown = ", ".join(_show(k) for k in extra[:3])
+        shown = ", ".join(show(k) for k in extra[:3])
         raise CheckpointFormatError(f"{where}: header entry has unknown field(s) {shown}")
     code = spec["dtype"]
     if not isinstance(code, str):
-        raise CheckpointFormatError(f"{where}: dtype is a JSON {_kind(code)}, not a string")
+        raise CheckpointFormatError(f"{where}: dtype is a JSON {kind(code)}, not a string")
     if code in UNSUPPORTED_DTYPES:
         raise CheckpointFormatError(f"{where}: dtype {code} ({UNSUPPORTED_DTYPES[code]}) is not supported")
     if code not in DTYPES:
-        raise CheckpointFormatError(f"{where}: unknown dtype {_show(code)} (known: {', '.join(DTYPES)})")
+        raise CheckpointFormatError(f"{where}: unknown dtype {show(code)} (known: {', '.join(DTYPES)})")
     dtype = DTYPES[code]
     shape = spec["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= _INT64_MAX for d in shape):
-        raise CheckpointFormatError(f"{where}: shape {_show(shape)} is not a list of non-negative integers")
+        raise CheckpointFormatError(f"{where}: shape {show(shape)} is not a list of non-negative integers")
     offsets = spec["data_offsets"]
     if (
         not isinstance(offsets, list)
@@ -205,7 +206,7 @@ def _entry(name: str, spec: object, label: str, data_size: int) -> tuple[TensorI
         or not all(_is_int(x) and 0 <= x <= _INT64_MAX for x in offsets)
     ):
         raise CheckpointFormatError(
-            f"{where}: data_offsets {_show(offsets)} is not a pair of non-negative 64-bit integers"
+            f"{where}: data_offsets {show(offsets)} is not a pair of non-negative 64-bit integers"
         )
     begin, end = offsets
     if begin > end:
@@ -213,7 +214,7 @@ def _entry(name: str, spec: object, label: str, data_size: int) -> tuple[TensorI
     nbytes = _nbytes_within(shape, dtype.itemsize, data_size)
     if nbytes is None:
         raise CheckpointFormatError(
-            f"{where}: shape {_show(shape)} of {code} needs more than the file's {data_size} bytes of data; "
+            f"{where}: shape {show(shape)} of {code} needs more than the file's {data_size} bytes of data; "
             "the header is corrupt"
         )
     info = TensorInfo(tuple(shape), dtype)
@@ -225,11 +226,12 @@ def _entry(name: str, spec: object, label: str, data_size: int) -> tuple[TensorI
     return info, begin, end
 
 
-def _check_name(name: str, label: str) -> None:
+def check_name(name: str, label: str) -> None:
+    """A tensor name a message can show on one line: non-empty, no C0/C1 control characters (NUL included)."""
     if not name:
         raise CheckpointFormatError(f"{label}: a tensor has an empty name")
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
-        raise CheckpointFormatError(f"{label}: tensor name {_show(name)} holds control characters")
+        raise CheckpointFormatError(f"{label}: tensor name {show(name)} holds control characters")
 
 
 def _nbytes_within(shape: list[int], itemsize: int, limit: int) -> int | None:
@@ -249,18 +251,19 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _kind(x: object) -> str:
+def kind(x: object) -> str:
+    """What JSON calls the type of a parsed value."""
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
         type(x), "null"
     )
 
 
-def _show(x: object) -> str:
+def show(x: object) -> str:
     """``x`` for a message: JSON-quoted (so control characters are escaped) and cut to a few dozen chars."""
     try:
         s = json.dumps(x)
     except (ValueError, RecursionError):  # nested too deeply to print: say what it is
-        s = f"<a JSON {_kind(x)}>"
+        s = f"<a JSON {kind(x)}>"
     return s if len(s) <= _SHOWN else s[: _SHOWN - 3] + "..."
 
 
