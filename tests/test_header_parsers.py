@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ from safetensors.torch import save_file
 
 from ckptavg.cli import cli
 from ckptavg.errors import CheckpointFormatError
+from ckptavg.sources import torch_file
 from ckptavg.sources.index import MAX_INDEX_BYTES, shard_files, weight_map
 from ckptavg.sources.safetensors_file import DTYPES, read_safetensors_header, read_safetensors_index
+from ckptavg.sources.torch_file import load_torch_file, read_torch_structure
 
 # ---------------------------------------------------------------- safetensors headers
 
@@ -385,3 +388,154 @@ def test_index_file_names_must_be_plain_relative_paths(file: str, why: str):
 def test_index_over_the_size_bound_is_refused_unread():
     raw = b" " * (MAX_INDEX_BYTES + 1)
     assert f"index is {MAX_INDEX_BYTES + 1} bytes, over the {MAX_INDEX_BYTES}" in index_refused(raw)
+
+
+# ---------------------------------------------------------------- torch zip files
+
+
+def torch_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def rezip(raw: bytes, edit=lambda name, data: (name, data, zipfile.ZIP_STORED)) -> bytes:  # type: ignore[no-untyped-def]
+    """The archive rewritten record by record; ``edit`` may rename a record, change its bytes or compress it."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as z, zipfile.ZipFile(out, "w") as o:
+        for zi in z.infolist():
+            name, data, method = edit(zi.filename, z.read(zi))
+            o.writestr(name, data, compress_type=method)
+    return out.getvalue()
+
+
+def torch_refused(tmp_path: Path, raw: bytes) -> tuple[str, str]:
+    """The messages of the local reader and the stream (Hub) reader, each checked to be one line naming
+    the file."""
+    f = tmp_path / "pytorch_model.bin"
+    f.write_bytes(raw)
+    with pytest.raises(CheckpointFormatError) as local:
+        load_torch_file(f)
+    with pytest.raises(CheckpointFormatError) as stream:
+        read_torch_structure(io.BytesIO(raw), "org/model@step1/pytorch_model.bin")
+    for msg, name in ((str(local.value), str(f)), (str(stream.value), "org/model@step1/pytorch_model.bin")):
+        assert msg.startswith(f"{name}: ") and "\n" not in msg, msg
+    return str(local.value), str(stream.value)
+
+
+STATE = {"w": torch.arange(10, dtype=torch.float32), "b": torch.ones(3, dtype=torch.float16)}
+
+
+def test_a_rezipped_torch_file_still_loads(tmp_path: Path):
+    """The control for the tests below: rewriting the archive alone breaks nothing."""
+    f = tmp_path / "pytorch_model.bin"
+    f.write_bytes(rezip(torch_bytes(STATE)))
+    obj, offset = load_torch_file(f)
+    assert isinstance(obj, dict) and torch.equal(obj["w"], STATE["w"])
+    assert read_torch_structure(io.BytesIO(f.read_bytes()), "x")["b"].shape == (3,)
+
+
+@pytest.mark.parametrize("record", ["data/0", "data.pkl", "version"])
+def test_compressed_records_are_refused_before_torch_inflates_them(tmp_path: Path, record: str):
+    def deflate(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name, data, zipfile.ZIP_DEFLATED if name.endswith("/" + record) else zipfile.ZIP_STORED
+
+    for msg in torch_refused(tmp_path, rezip(torch_bytes(STATE), deflate)):
+        assert f"/{record} is compressed (zip method 8); torch never writes compressed records" in msg
+
+
+def test_pickle_over_the_bound_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch_file, "MAX_PICKLE_BYTES", 64)
+    for msg in torch_refused(tmp_path, torch_bytes(STATE)):
+        assert "/data.pkl) is" in msg and "bytes, over the 64 a checkpoint's structure can need" in msg
+
+
+def test_storage_record_shorter_than_its_tensor_names_the_tensor(tmp_path: Path):
+    def shorten(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name, data[:20] if name.endswith("/data/0") else data, zipfile.ZIP_STORED
+
+    raw = rezip(torch_bytes({"w": torch.arange(10, dtype=torch.float32)}), shorten)
+    for msg in torch_refused(tmp_path, raw):
+        assert "tensor 'w' needs bytes [0, 40) of storage record data/0, which holds 20" in msg
+
+
+def test_view_past_its_record_names_the_tensor(tmp_path: Path):
+    """A view at offset 2 of a 12-element storage whose record was cut to 10 elements."""
+
+    def shorten(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name, data[:40] if name.endswith("/data/0") else data, zipfile.ZIP_STORED
+
+    base = torch.arange(12, dtype=torch.float32)
+    raw = rezip(torch_bytes({"head": base[:2], "w": base[2:]}), shorten)
+    for msg in torch_refused(tmp_path, raw):
+        assert "tensor 'w' needs bytes [8, 48) of storage record data/0, which holds 40" in msg
+
+
+def test_nested_tensor_is_named_by_its_path(tmp_path: Path):
+    def shorten(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name, data[:4] if name.endswith("/data/0") else data, zipfile.ZIP_STORED
+
+    raw = rezip(torch_bytes({"model": {"wte.weight": torch.ones(4)}, "iter_num": 7}), shorten)
+    for msg in torch_refused(tmp_path, raw):
+        assert "tensor 'model.wte.weight' needs bytes [0, 16)" in msg
+
+
+def test_storage_without_a_record_is_refused(tmp_path: Path):
+    def rename(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name.replace("/data/0", "/data/9"), data, zipfile.ZIP_STORED
+
+    for msg in torch_refused(tmp_path, rezip(torch_bytes({"w": torch.ones(4)}), rename)):
+        assert "the pickle refers to storage '0', which has no record" in msg
+
+
+def test_archive_without_a_pickle_is_refused(tmp_path: Path):
+    def rename(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name.replace("data.pkl", "other.pkl"), data, zipfile.ZIP_STORED
+
+    for msg in torch_refused(tmp_path, rezip(torch_bytes(STATE), rename)):
+        assert "/data.pkl record; not a torch checkpoint" in msg
+
+
+def test_garbage_pickle_is_corrupt_not_a_traceback(tmp_path: Path):
+    def garble(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name, b"\x80\x02}q\x00(X\x01" if name.endswith("data.pkl") else data, zipfile.ZIP_STORED
+
+    for msg in torch_refused(tmp_path, rezip(torch_bytes(STATE), garble)):
+        assert "the pickle is corrupt (" in msg
+
+
+def test_pickle_with_a_malformed_storage_reference(tmp_path: Path):
+    pid = b"\x80\x02(X\x07\x00\x00\x00storageq\x00X\x01\x00\x00\x000tQ."  # BINPERSID of ('storage', '0')
+
+    def swap(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name, pid if name.endswith("data.pkl") else data, zipfile.ZIP_STORED
+
+    for msg in torch_refused(tmp_path, rezip(torch_bytes(STATE), swap)):
+        assert "the pickle holds a persistent id that is not a storage reference" in msg
+
+
+def test_duplicate_record_names_are_refused(tmp_path: Path):
+    raw = torch_bytes(STATE)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as z, zipfile.ZipFile(out, "w") as o:
+        for zi in z.infolist():
+            o.writestr(zi.filename, z.read(zi))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            o.writestr(z.infolist()[-1].filename, b"x")
+    for msg in torch_refused(tmp_path, out.getvalue()):
+        assert "appears twice in the zip directory" in msg
+
+
+def test_record_past_the_end_of_the_file_is_refused(tmp_path: Path):
+    """The directory is intact but claims a record larger than the bytes before it."""
+    raw = bytearray(rezip(torch_bytes({"w": torch.ones(4)})))
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as z:
+        zi = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    # Patch the sizes of data/0 in its central directory entry (compressed and uncompressed, 4 bytes each).
+    name = zi.filename.encode()
+    at = raw.find(b"PK\x01\x02")
+    while raw[at + 46 : at + 46 + len(name)] != name:
+        at = raw.find(b"PK\x01\x02", at + 4)
+    raw[at + 20 : at + 28] = struct.pack("<II", 10**6, 10**6)
+    for msg in torch_refused(tmp_path, bytes(raw)):
+        assert "/data/0 runs to byte" in msg and "the file is truncated" in msg
