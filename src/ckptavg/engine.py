@@ -229,7 +229,8 @@ class GroupSumReducer(Reducer):
 
     def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         self._recycle()
-        mixed_ok = self.dtype != torch.float64  # fp32 += fp16/bf16 in one pass is fast; float64 is not
+        # fp32 += fp16/bf16 in one pass is fast; float64 is not, and torch refuses to promote float8 at all
+        mixed_ok = self.dtype != torch.float64 and promotes(x.dtype)
         xs = x.to(self.buffers.device, non_blocking=True) if mixed_ok else self.buffers.convert(x, self.dtype)
         for g in self.in_groups.get(member, ()):
             if member == self.groups[g][0]:
@@ -450,17 +451,27 @@ def _copy_newest(job: Job, name: str, info: TensorInfo, writes: Writes, chunk: i
     return read
 
 
+def promotes(dtype: torch.dtype) -> bool:
+    """Whether torch mixes ``dtype`` with float32 in arithmetic: it refuses for every float8 format."""
+    return dtype.itemsize > 1 or not dtype.is_floating_point
+
+
+def _isfinite(x: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite``, which torch does not implement for some float8 formats (e4m3fn, the fnuz ones)."""
+    return torch.isfinite(x if promotes(x.dtype) else x.float())
+
+
 def _finite(acc: torch.Tensor, out: torch.Tensor) -> bool:
     """A sum is finite iff every term is (a reduction costs a fraction of an element-wise isfinite);
     a finite sum that overflows float32 sends us to the exact check."""
-    return bool(torch.isfinite(acc.sum())) or bool(torch.isfinite(out).all())
+    return bool(torch.isfinite(acc.sum())) or bool(_isfinite(out).all())
 
 
 def _blame_nonfinite(job: Job, j: int, name: str, start: int, stop: int) -> None:
     buf = torch.empty((stop - start) * job.infos[name].dtype.itemsize, dtype=torch.uint8)
     for m in job.windows[j].steps:
         ckpt = job.members[m]
-        if not bool(torch.isfinite(job.read(Read(m, name, start, stop), buf)).all()):
+        if not bool(_isfinite(job.read(Read(m, name, start, stop), buf)).all()):
             raise NonFiniteError(
                 f"tensor '{name}' holds NaN or Inf at step {ckpt.step} ({ckpt.label}); "
                 "pass --allow-nonfinite to average it anyway"
