@@ -352,8 +352,9 @@ def test_a_file_name_that_would_leave_the_cache_is_refused(hub: HubServer, tmp_p
 def test_an_index_entry_that_would_leave_the_cache_is_refused(hub: HubServer, tmp_path: Path):
     r = hostile(hub, tmp_path, "", {}, repo=INDEXED)
     assert r.stderr == (
-        f"Error: {INDEXED}@step2000: pytorch_model.bin.index.json's weight_map entry '../../evil.bin' from the index "
-        "file is not a relative path inside the repository; refusing it\n"
+        f"Error: {INDEXED}@step2000/pytorch_model.bin.index.json: weight_map puts tensor 'gpt_neox.embed_in.weight' "
+        "in \"../../evil.bin\", which climbs out with '..' (outside the checkpoint folder); an index may only name "
+        "files inside the checkpoint folder\n"
     )
 
 

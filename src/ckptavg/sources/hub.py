@@ -16,7 +16,6 @@ file locks, which Lustre, GPFS and some NFS mounts do not honour (see ``_downloa
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -43,6 +42,7 @@ from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo
 from ckptavg.sources.extras import is_extra_file
 from ckptavg.sources.hf_folder import WEIGHT_FILES, open_weight_file
 from ckptavg.sources.http_range import RangeReader
+from ckptavg.sources.index import MAX_INDEX_BYTES, shard_files
 from ckptavg.sources.retry import BodyCutShort, Cancelled, RetryPolicy
 from ckptavg.sources.safetensors_file import read_safetensors_header
 from ckptavg.sources.source import Listing
@@ -519,16 +519,14 @@ class HubSource:
         weight, fmt = found
         if not weight.endswith(".index.json"):
             return fmt, [weight]
+        if sizes[weight] > MAX_INDEX_BYTES:
+            raise CheckpointFormatError(f"{self.repo}@{name}/{weight}: {sizes[weight]} bytes, too large for an index")
         path, _ = self.use(step, weight, sizes[weight])
         try:
-            index = json.loads(path.read_text())
-            shards = list(dict.fromkeys(index["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointFormatError(f"{self.repo}@{name}: {weight} is not a valid index ({e!r})") from e
+            shards = shard_files(path.read_bytes(), f"{self.repo}@{name}/{weight}")
         finally:
             self.done_with(step, weight)
         for shard in shards:
-            _check_path(shard, f"{self.repo}@{name}: {weight}'s weight_map entry", "the index file")
             if shard not in sizes:
                 raise CheckpointFormatError(f"{self.repo}@{name}: {weight} names {shard}, which is not there")
         return fmt, shards
