@@ -268,6 +268,7 @@ def check_torch(blob: bytes, tmp: Path) -> None:
             assert e.offset + e.info.nbytes <= len(blob), name
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on a mutated PROTO opcode
 @fuzz(FUZZ_EXAMPLES)
 @given(torch_mutants())
 def test_mutated_torch_files(tmp_path: Path, blob: bytes):
@@ -275,6 +276,7 @@ def test_mutated_torch_files(tmp_path: Path, blob: bytes):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @fuzz(FUZZ_EXAMPLES_SLOW)
 @given(torch_mutants())
 def test_mutated_torch_files_long(asked_for: None, tmp_path: Path, blob: bytes):
