@@ -539,3 +539,21 @@ def test_record_past_the_end_of_the_file_is_refused(tmp_path: Path):
     raw[at + 20 : at + 28] = struct.pack("<II", 10**6, 10**6)
     for msg in torch_refused(tmp_path, bytes(raw)):
         assert "/data/0 runs to byte" in msg and "the file is truncated" in msg
+
+
+def test_pickle_memo_index_near_four_billion_costs_no_memory(tmp_path: Path):
+    """LONG_BINPUT 2**32-1: the C unpickler grows its memo array to that index (tens of GB zeroed)."""
+    import resource
+
+    memo_bomb = b"\x80\x02}r\xff\xff\xff\xff."  # PROTO 2, EMPTY_DICT, LONG_BINPUT 4294967295, STOP
+
+    def swap(name: str, data: bytes) -> tuple[str, bytes, int]:
+        return name, memo_bomb if name.endswith("data.pkl") else data, zipfile.ZIP_STORED
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    raw = rezip(torch_bytes(STATE), swap)
+    f = tmp_path / "pytorch_model.bin"
+    f.write_bytes(raw)
+    assert load_torch_file(f)[0] == {}
+    assert read_torch_structure(io.BytesIO(raw), "x") == {}
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB

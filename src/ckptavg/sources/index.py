@@ -57,6 +57,8 @@ def _bad_path(file: str) -> str | None:
         return "is empty"
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in file):
         return "holds control characters"
+    if any(0xD800 <= ord(c) < 0xE000 for c in file):
+        return "holds a lone UTF-16 surrogate"
     if "\\" in file:
         return "holds a backslash"
     if file.startswith("/"):

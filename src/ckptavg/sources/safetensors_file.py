@@ -227,11 +227,14 @@ def _entry(name: str, spec: object, label: str, data_size: int) -> tuple[TensorI
 
 
 def check_name(name: str, label: str) -> None:
-    """A tensor name a message can show on one line: non-empty, no C0/C1 control characters (NUL included)."""
+    """A tensor name a message can show on one line and a file can store: non-empty, no C0/C1 control
+    characters (NUL included), no lone surrogates."""
     if not name:
         raise CheckpointFormatError(f"{label}: a tensor has an empty name")
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
         raise CheckpointFormatError(f"{label}: tensor name {show(name)} holds control characters")
+    if any(0xD800 <= ord(c) < 0xE000 for c in name):  # "\ud800" is valid JSON but no UTF-8 can hold it
+        raise CheckpointFormatError(f"{label}: tensor name {show(name)} holds a lone UTF-16 surrogate")
 
 
 def _nbytes_within(shape: list[int], itemsize: int, limit: int) -> int | None:
