@@ -7,7 +7,8 @@ folder is built under a hidden temporary name beside the target and renamed into
 complete, so a folder with the target's name is always whole; ``ckptavg.json`` inside it says which plan
 made it, which is how a rerun recognises finished outputs and skips them.
 
-The temporary name carries the plan's id, and a small ``progress.json`` in it counts the tensors fully
+The temporary name carries the plan's id (``temp_prefix`` says how it starts, and stays within NAME_MAX
+whenever the output's own name does), and a small ``progress.json`` in it counts the tensors fully
 written. A run killed outright (SIGKILL, out of memory, a lost node) leaves that folder behind, and the
 same command later resumes after the last finished tensor instead of starting over.
 
@@ -40,13 +41,57 @@ from typing import Protocol
 import torch
 
 from ckptavg.errors import OutputError
+from ckptavg.outputs import NAME_MAX, check_name, check_writable
 from ckptavg.sources import TensorInfo
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.sources.safetensors_file import DTYPE_NAMES
 
 TMP_MARK = ".ckptavg-tmp-"
+_SUFFIX_MAX = 24  # what follows temp_prefix: a plan id (16 hex digits), "old-" and a pid, or a pid
 _PROGRESS = "progress.json"  # inside the temporary folder only; never in a finished output
 _PROGRESS_WIDTH = 256  # one sector; the record is written whole, at offset 0
+
+
+def temp_prefix(out: Path) -> str:
+    """How every temporary name of ``out`` starts: ``.{name}.ckptavg-tmp-``, then a suffix of at most
+    ``_SUFFIX_MAX`` characters (the plan id). A name too long to take these additions within NAME_MAX
+    keeps its first bytes and gains a hash of the whole name, so the prefix stays one per output name:
+    ``.{start of name}~{hash}.ckptavg-tmp-``."""
+    name = out.name
+    room = NAME_MAX - _SUFFIX_MAX - len(TMP_MARK) - 1
+    raw = os.fsencode(name)
+    if len(raw) > room:
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        while len(os.fsencode(name)) > room - 1 - len(digest):  # whole characters: the name stays UTF-8
+            name = name[:-1]
+        name = f"{name}~{digest}"
+    return f".{name}{TMP_MARK}"
+
+
+def temp_paths(out: Path) -> list[Path]:
+    """What sits beside ``out`` under one of its temporary names: a run's folder (killed, or in progress)
+    or the previous output that a commit with ``overwrite`` set aside. Listed by prefix, not by glob,
+    since an output name may hold glob characters (``soup[1]``)."""
+    prefix = temp_prefix(out)
+    try:
+        return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:  # no folder there (yet), or not a folder
+        return []
+
+
+def _temp_name(out: Path, suffix: object) -> Path:
+    text = str(suffix)
+    if len(text) > _SUFFIX_MAX or "/" in text:
+        text = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out.parent / f"{temp_prefix(out)}{text}"
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (never what it points to) or a folder with what it holds; absent is fine."""
+    if path.is_symlink() or (os.path.lexists(path) and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class FileOps(Protocol):
@@ -140,7 +185,7 @@ class FolderWriter:
         self.extra_files = extra_files
         self.config_dtype = config_dtype  # --dtype: config.json should announce the dtype we wrote
         self.provenance = provenance
-        self.tmp = final.parent / f".{final.name}{TMP_MARK}{provenance.get('plan_id', os.getpid())}"
+        self.tmp = _temp_name(final, provenance.get("plan_id", os.getpid()))
         self._lock_fd = -1
         self._progress = -1
         self._done = 0  # tensors whose bytes were all passed to write (maybe only in the page cache)
@@ -180,10 +225,22 @@ class FolderWriter:
         """
         meta = {"format": "pt", "ckptavg": json.dumps(self.provenance, sort_keys=True)}
         ops = self.ops
+        check_name(self.final)
+        check_writable([self.final])
+        if not self.overwrite and os.path.lexists(self.final):  # a dangling symlink too
+            raise OutputError(f"{self.final}: already exists; pass --overwrite to replace it")
+        made = False  # the temporary folder, by this call
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self._remove_stale()
-            self.tmp.mkdir(exist_ok=True)
+            if self.tmp.is_symlink() or (os.path.lexists(self.tmp) and not self.tmp.is_dir()):
+                self.tmp.unlink()  # our name, not our folder: never write through a link
+            try:
+                self.tmp.mkdir()
+            except FileExistsError:  # a killed run's: resumed below if it is this plan's
+                pass
+            else:
+                made = True
             self._lock()  # before touching anything in it
             self._boot = self.ops.boot_id()
             resumed = self._resumable()
@@ -224,7 +281,10 @@ class FolderWriter:
             self._synced_at = time.monotonic()
             self._write_record()  # this boot's: a rerun after a kill need not look at the durable count
         except OSError as e:
-            self.abort()
+            locked = self._lock_fd >= 0
+            self.abort()  # removes the folder if we hold it
+            if made and not locked:  # made by us but never locked (the lock itself failed): ours all the same
+                shutil.rmtree(self.tmp, ignore_errors=True)
             raise _os_error(e, self.final, self.total_size) from e
         return done
 
@@ -320,9 +380,13 @@ class FolderWriter:
             raise OutputError(f"{self.final}: another ckptavg process is writing this output") from e
 
     def _remove_stale(self) -> None:
-        """Temporary folders of other plans for this output: left by killed runs, useless now."""
-        for p in self.final.parent.glob(f".{self.final.name}{TMP_MARK}*"):
-            if p == self.tmp or not p.is_dir():
+        """Temporary folders of other plans for this output: left by killed runs, useless now (and what a
+        killed commit set aside: a file or a symlink under a temporary name)."""
+        for p in temp_paths(self.final):
+            if p == self.tmp:
+                continue
+            if p.is_symlink() or not p.is_dir():
+                _remove(p)
                 continue
             fd = os.open(p, os.O_RDONLY)
             try:
@@ -370,15 +434,26 @@ class FolderWriter:
             (self.tmp / _PROGRESS).unlink()
             self._fsync_path(self.tmp)  # every name in it, before the folder can appear under its own
             old = None
-            if self.final.exists():
+            if os.path.lexists(self.final):  # a folder, a file, or a symlink (dangling or not)
                 if not self.overwrite:
                     raise OutputError(f"{self.final}: appeared while we were writing it; not replaced")
-                old = self.final.parent / f".{self.final.name}{TMP_MARK}old-{os.getpid()}"
-                os.rename(self.final, old)
-            os.rename(self.tmp, self.final)
-            self._fsync_path(self.final.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                old = _temp_name(self.final, f"old-{os.getpid()}")
+                _remove(old)  # a killed commit's, if the pid came round again
+                os.rename(self.final, old)  # a symlink is renamed itself: what it points to is never touched
+            try:
+                os.rename(self.tmp, self.final)
+            except OSError:
+                if old is not None:  # put back what was there
+                    try:
+                        os.rename(old, self.final)
+                    except OSError:
+                        pass
+                raise
+            try:
+                self._fsync_path(self.final.parent)
+            finally:  # the output is in place: what it replaced goes, whatever the fsync said
+                if old is not None:
+                    _remove(old)
             self._unlock()
         except OSError as e:
             self.abort()
