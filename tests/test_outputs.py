@@ -288,7 +288,6 @@ def test_an_output_name_of_255_bytes_is_written(st_run: Path, tmp_path: Path, na
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "run"])
 
 
-@pytest.mark.xfail(reason="wired in api.py by the main branch (output_states stats the name first)", strict=False)
 def test_an_output_name_over_255_bytes_is_one_line(st_run: Path, tmp_path: Path):
     name = "é" * 128
     msg = error_line(avg(st_run, tmp_path / name))
@@ -377,7 +376,6 @@ def test_dot_and_dot_dot_as_out(st_run: Path, tmp_path: Path, monkeypatch: pytes
 
 # ---------------------------------------------------------------- outputs inside the run (wired in api.py)
 
-WIRED = pytest.mark.xfail(reason="wired in api.py by the main branch", strict=False)
 
 
 @pytest.fixture
@@ -391,7 +389,6 @@ def nano_run(tmp_path: Path) -> Iterator[Path]:
     assert leftovers(tmp_path) == []
 
 
-@WIRED
 @pytest.mark.parametrize("out", ["", "step99"])
 def test_a_nanogpt_run_never_gets_outputs_inside_it(nano_run: Path, out: str):
     args = ["lawa", nano_run, "--steps", "3000:3000", "--k", "2", "--format", "ckpt"]
@@ -399,7 +396,6 @@ def test_a_nanogpt_run_never_gets_outputs_inside_it(nano_run: Path, out: str):
     assert msg == in_run_message(str(nano_run / out / "step3000"), str(nano_run))
 
 
-@WIRED
 def test_a_glob_run_never_gets_outputs_it_would_find(nano_run: Path, tmp_path: Path):
     pattern = f"{tmp_path}/*/*.pt"
     msg = error_line(invoke("lawa", pattern, "--steps", "3000:3000", "--k", "2", "--format", "ckpt", "--out", tmp_path))
@@ -409,7 +405,6 @@ def test_a_glob_run_never_gets_outputs_it_would_find(nano_run: Path, tmp_path: P
     )
 
 
-@WIRED
 def test_a_run_of_step_folders_never_gets_a_step_folder_of_outputs(st_run: Path):
     out = st_run / "step99999"
     msg = error_line(invoke("lawa", st_run, "--steps", "3000:3000", "--k", "2", "--out", out))

@@ -22,6 +22,7 @@ import torch
 
 from ckptavg import __version__, engine, runner, schedule
 from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OptionError, OutputError
+from ckptavg.outputs import check_outputs, check_writable
 from ckptavg.progress import Reporter
 from ckptavg.sources import Checkpoint, Source, open_checkpoint, open_run
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
@@ -34,7 +35,7 @@ from ckptavg.windows import (
     lawa_windows,
     swa_windows,
 )
-from ckptavg.writers.safetensors_folder import TMP_MARK
+from ckptavg.writers.safetensors_folder import temp_paths
 
 DTYPES = runner.DTYPES
 
@@ -82,6 +83,7 @@ class Options:
 def _plan_from_run(run: Source, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
     members = run.checkpoints(s for w in windows for s in w.steps)
     plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
+    check_inputs_untouched(plan, run.label if run.root is not None else None)
     check_members(plan)
     return plan
 
@@ -173,6 +175,7 @@ def plan_avg(
         source = f"{run.label} steps {', '.join(paths)}"
     params = {"weights": list(window.weights)}
     plan = Plan("avg", params, source, [window], members, [out], by_position=True)
+    check_inputs_untouched(plan)
     check_members(plan)
     return plan
 
@@ -280,10 +283,10 @@ def output_states(plan: Plan, opts: Options | None = None) -> list[str]:
     opts = opts or Options()
     states = []
     for j, out in enumerate(plan.outputs):
-        if out.exists():
+        if out.exists() or out.is_symlink():  # a dangling symlink has the name too
             same = _finished_plan_id(out) == provenance(plan, j, opts)["plan_id"]
             states.append("complete" if same else "other")
-        elif any(out.parent.glob(f".{out.name}{TMP_MARK}*")):
+        elif temp_paths(out):
             states.append("partial")
         else:
             states.append("missing")
@@ -359,14 +362,12 @@ def decide_outputs(plan: Plan, opts: Options, states: Sequence[str]) -> list[int
     return todo
 
 
-def check_inputs_untouched(plan: Plan) -> None:
-    """No output may replace one of the plan's own local inputs, whatever the options."""
-    inputs = {f.resolve() for c in plan.members.values() for f in ([c.path] if c.path else []) + c.files}
-    for out in plan.outputs:
-        target = out.resolve()
-        clash = next((i for i in sorted(inputs) if i == target or target in i.parents), None)
-        if clash is not None:
-            raise OutputError(f"{out}: would replace input {clash}; choose another --out")
+def check_inputs_untouched(plan: Plan, run_source: str | None = None) -> None:
+    """No output may replace, contain or lie inside one of the plan's own local inputs, whatever the
+    options; nor, given ``run_source`` (a local run's folder or glob), lie where that run finds checkpoints
+    (outputs.check_outputs says exactly where)."""
+    inputs = [f for c in plan.members.values() for f in ([c.path] if c.path else []) + c.files]
+    check_outputs(plan.outputs, run_source=run_source, inputs=inputs)
 
 
 def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None = None) -> list[Path]:
@@ -393,6 +394,7 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     check_inputs_untouched(plan)
     states = output_states(plan, opts)
     todo = decide_outputs(plan, opts, states)
+    check_writable([plan.outputs[j] for j in todo])
     for j, state in enumerate(states):
         if state == "complete" and j not in todo:
             reporter.log(f"{plan.outputs[j]} is complete (same plan); skipped")

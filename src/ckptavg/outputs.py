@@ -12,14 +12,13 @@ from __future__ import annotations
 import errno
 import glob
 import os
-import re
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ckptavg.errors import OutputError
+from ckptavg.sources.local import STEP_DIR  # the step folders open_run lists
 
-_STEP_DIR = re.compile(r"^(?:step|checkpoint-)(\d+)$")  # the step folders sources.open_run lists
 NAME_MAX = 255  # bytes in one file name, on every file system ckptavg is used on (ext4, xfs, Lustre, GPFS)
 
 
@@ -110,7 +109,7 @@ def _run_finds(root: Path, out: Path) -> bool:
     if root not in out.parents:
         return False
     below = out.relative_to(root).parts
-    return len(below) == 1 or _STEP_DIR.match(below[0]) is not None
+    return len(below) == 1 or STEP_DIR.match(below[0]) is not None
 
 
 def _location(path: Path) -> Path:

@@ -19,7 +19,7 @@ from ckptavg.sources.hf_folder import find_weights, open_hf_checkpoint
 from ckptavg.sources.nanogpt import open_nanogpt_checkpoint
 from ckptavg.sources.source import Listing
 
-_STEP_DIR = re.compile(r"^(?:step|checkpoint-)(\d+)$")
+STEP_DIR = re.compile(r"^(?:step|checkpoint-)(\d+)$")
 _TORCH_SUFFIXES = (".pt", ".pth")
 
 
@@ -79,7 +79,7 @@ def open_run(source: str, *, allow_legacy: bool = False) -> LocalRun:
         raise InvalidRunError(source, "no such run folder")
     step_dirs: dict[int, Path] = {}
     for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
+        m = STEP_DIR.match(p.name)
         if m and p.is_dir():
             step = int(m.group(1))
             if step in step_dirs:
