@@ -2,7 +2,7 @@
 indexes either read as something consistent with the file, or fail with one line naming the file.
 
 The property, for every parser: the call returns a result whose offsets and sizes agree with the file,
-or raises ``CheckpointFormatError`` (``UnsafePickleError`` included) whose message is one line starting
+or raises ``InvalidCheckpointError`` (``UnsafePickleError`` included) whose message is one line starting
 with the file's label. Any other exception, a traceback, is a failure; so is a run that grows the
 process's peak memory by more than a bound (a zip bomb or a lying storage size would).
 
@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from ckptavg.errors import CheckpointFormatError
+from ckptavg.errors import InvalidCheckpointError
 from ckptavg.sources.index import shard_files
 from ckptavg.sources.safetensors_file import read_safetensors_header
 from ckptavg.sources.torch_file import load_torch_file, read_torch_structure, state_dict_entries
@@ -48,7 +48,7 @@ def fuzz(examples: int) -> Callable:  # type: ignore[type-arg]
     )
 
 
-def refused_well(e: CheckpointFormatError, label: str) -> None:
+def refused_well(e: InvalidCheckpointError, label: str) -> None:
     msg = str(e)
     assert "\n" not in msg and "\r" not in msg, repr(msg)
     assert msg.startswith(f"{label}: "), (label, msg)
@@ -163,7 +163,7 @@ def st_mutants(draw: st.DrawFn) -> bytes:
 def check_safetensors(blob: bytes) -> None:
     try:
         entries, metadata = read_safetensors_header(io.BytesIO(blob), len(blob), Path(ST_LABEL))
-    except CheckpointFormatError as e:
+    except InvalidCheckpointError as e:
         refused_well(e, ST_LABEL)
         return
     (n,) = struct.unpack("<Q", blob[:8])
@@ -253,14 +253,14 @@ def check_torch(blob: bytes, tmp: Path) -> None:
         obj = read_torch_structure(io.BytesIO(blob), TORCH_LABEL)
         entries, _ = state_dict_entries(Path(TORCH_LABEL), obj, None)  # as hub.py names it: by the file
         assert all(isinstance(n, str) for n in entries)
-    except CheckpointFormatError as e:
+    except InvalidCheckpointError as e:
         refused_well(e, TORCH_LABEL)
     f = tmp / "pytorch_model.bin"
     f.write_bytes(blob)
     try:
         obj, offset = load_torch_file(f)
         entries, _ = state_dict_entries(f, obj, offset)
-    except CheckpointFormatError as e:
+    except InvalidCheckpointError as e:
         refused_well(e, str(f))
         return
     for name, e in entries.items():
@@ -307,7 +307,7 @@ def index_mutants(draw: st.DrawFn) -> bytes:
 def check_index(raw: bytes) -> None:
     try:
         files = shard_files(raw, INDEX_LABEL)
-    except CheckpointFormatError as e:
+    except InvalidCheckpointError as e:
         refused_well(e, INDEX_LABEL)
         return
     assert files and len(set(files)) == len(files)

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from ckptavg.cli import cli
-from ckptavg.errors import CheckpointFormatError
+from ckptavg.errors import InvalidCheckpointError
 from ckptavg.sources import torch_file
 from ckptavg.sources.index import MAX_INDEX_BYTES, shard_files, weight_map
 from ckptavg.sources.safetensors_file import DTYPES, read_safetensors_header, read_safetensors_index
@@ -41,7 +41,7 @@ def parse(blob: bytes, label: str = "m.safetensors") -> dict:
 
 
 def refused(blob: bytes, label: str = "m.safetensors") -> str:
-    with pytest.raises(CheckpointFormatError) as e:
+    with pytest.raises(InvalidCheckpointError) as e:
         parse(blob, label)
     msg = str(e.value)
     assert msg.startswith(f"{label}: ") and "\n" not in msg, msg
@@ -81,7 +81,7 @@ def test_header_that_is_not_utf8():
 
 def test_header_cut_short_by_the_stream():
     blob = with_w()
-    with pytest.raises(CheckpointFormatError, match="header cut short at 10 of"):
+    with pytest.raises(InvalidCheckpointError, match="header cut short at 10 of"):
         read_safetensors_header(io.BytesIO(blob[:18]), len(blob), Path("m.safetensors"))
 
 
@@ -332,7 +332,7 @@ def index_bytes(weight_map: object, **extra: object) -> bytes:
 
 
 def index_refused(raw: bytes) -> str:
-    with pytest.raises(CheckpointFormatError) as e:
+    with pytest.raises(InvalidCheckpointError) as e:
         shard_files(raw, INDEX)
     msg = str(e.value)
     assert msg.startswith(f"{INDEX}: ") and "\n" not in msg, msg
@@ -414,9 +414,9 @@ def torch_refused(tmp_path: Path, raw: bytes) -> tuple[str, str]:
     the file."""
     f = tmp_path / "pytorch_model.bin"
     f.write_bytes(raw)
-    with pytest.raises(CheckpointFormatError) as local:
+    with pytest.raises(InvalidCheckpointError) as local:
         load_torch_file(f)
-    with pytest.raises(CheckpointFormatError) as stream:
+    with pytest.raises(InvalidCheckpointError) as stream:
         read_torch_structure(io.BytesIO(raw), "org/model@step1/pytorch_model.bin")
     for msg, name in ((str(local.value), str(f)), (str(stream.value), "org/model@step1/pytorch_model.bin")):
         assert msg.startswith(f"{name}: ") and "\n" not in msg, msg

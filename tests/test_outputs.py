@@ -377,7 +377,6 @@ def test_dot_and_dot_dot_as_out(st_run: Path, tmp_path: Path, monkeypatch: pytes
 # ---------------------------------------------------------------- outputs inside the run (wired in api.py)
 
 
-
 @pytest.fixture
 def nano_run(tmp_path: Path) -> Iterator[Path]:
     run = tmp_path / "nrun"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ckptavg.errors import CheckpointFormatError, OutputError
+from ckptavg.errors import InvalidCheckpointError, OutputError
 from ckptavg.sources import open_checkpoint
 from ckptavg.sources.checkpoint import read_state
 from ckptavg.sources.extras import extra_files
@@ -35,27 +35,29 @@ def load_nanogpt(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         try:
             args = json.loads((src / PROVENANCE_FILE).read_text())["model_args"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointFormatError(f"{src}: no nanoGPT model_args in {PROVENANCE_FILE}; give its ckpt.pt") from e
-        ckpt, where = open_checkpoint(src), f"{src / PROVENANCE_FILE}: model_args"
+            raise InvalidCheckpointError(src, f"no nanoGPT model_args in {PROVENANCE_FILE}; give its ckpt.pt") from e
+        ckpt, where = open_checkpoint(src), src / PROVENANCE_FILE
     else:
         ckpt = open_checkpoint(src)
-        args, where = ckpt.meta.get("model_args"), f"{src}: model_args"
+        args, where = ckpt.meta.get("model_args"), src
     return read_state(ckpt), _checked_args(args, where)
 
 
-def _checked_args(args: object, where: str) -> dict[str, Any]:
-    """nanoGPT's model_args as GPT-2 needs them: the five sizes, each a positive integer."""
+def _checked_args(args: object, where: Path) -> dict[str, Any]:
+    """nanoGPT's model_args (read from ``where``) as GPT-2 needs them: the five sizes, positive integers."""
     if not isinstance(args, dict):
-        raise CheckpointFormatError(f"{where} missing (a nanoGPT checkpoint holds them; give its ckpt.pt)")
+        raise InvalidCheckpointError(where, "model_args missing (a nanoGPT checkpoint holds them; give its ckpt.pt)")
     for key in _MODEL_ARGS:
         value = args.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31:
-            raise CheckpointFormatError(f"{where}: '{key}' is {value!r}, not a positive integer")
+            raise InvalidCheckpointError(where, f"model_args: '{key}' is {value!r}, not a positive integer")
     if args["n_embd"] % args["n_head"]:
-        raise CheckpointFormatError(f"{where}: n_embd {args['n_embd']} is not a multiple of n_head {args['n_head']}")
+        raise InvalidCheckpointError(
+            where, f"model_args: n_embd {args['n_embd']} is not a multiple of n_head {args['n_head']}"
+        )
     dropout = args.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout <= 1:
-        raise CheckpointFormatError(f"{where}: 'dropout' is {dropout!r}, not a number in [0, 1]")
+        raise InvalidCheckpointError(where, f"model_args: 'dropout' is {dropout!r}, not a number in [0, 1]")
     return dict(args)
 
 
@@ -87,10 +89,10 @@ def _tokenizer_files(folder: Path) -> dict[str, Path]:
     """The tokenizer files of ``folder`` by the rule every output follows (sources/extras.py); its model
     config is not one of them: the converted model has its own."""
     if not folder.is_dir():
-        raise CheckpointFormatError(f"{folder}: --tokenizer needs a folder of tokenizer files")
+        raise InvalidCheckpointError(folder, "--tokenizer needs a folder of tokenizer files")
     found = {n: p for n, p in extra_files(folder).items() if n not in ("config.json", "generation_config.json")}
     if not found:
-        raise CheckpointFormatError(f"{folder}: no tokenizer files (looked for tokenizer.json, vocab.json, ...)")
+        raise InvalidCheckpointError(folder, "no tokenizer files (looked for tokenizer.json, vocab.json, ...)")
     return found
 
 
@@ -118,7 +120,7 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
     model = GPT2LMHeadModel(config)
     missing, unexpected = model.load_state_dict(gpt2_state(state, args), strict=False)
     if unexpected or [m for m in missing if not m.endswith(".attn.bias")]:
-        raise CheckpointFormatError(f"{src}: does not fit GPT-2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise InvalidCheckpointError(src, f"does not fit GPT-2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tmp = out.parent / f".{out.name}.ckptavg-convert-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

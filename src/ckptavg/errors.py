@@ -58,11 +58,17 @@ class InvalidRunError(CkptavgError):
         super().__init__(f"{run}: {detail}")
 
 
-class CheckpointFormatError(CkptavgError):
-    """A checkpoint file is missing, truncated, corrupt, or not in a supported format."""
+class InvalidCheckpointError(CkptavgError):
+    """A checkpoint (a file, a folder, a Hub revision's file) is missing, truncated, corrupt, or not in a
+    supported format. ``path`` is how the message names it: a path, or repo@revision/file."""
+
+    def __init__(self, path: object, detail: str) -> None:
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
 
 
-class UnsafePickleError(CheckpointFormatError):
+class UnsafePickleError(InvalidCheckpointError):
     """A torch file holds more than plain tensors; ``weights_only=True`` refused it."""
 
 
@@ -143,6 +149,34 @@ class CacheDirError(InvalidArgumentError):
         self.path = str(path)
         self.detail = detail
         super().__init__(f"{path}: cannot be the download cache: {detail}")
+
+
+class _PathError(CkptavgError):
+    def __init__(self, path: object, detail: str) -> None:
+        self.path = str(path)
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
+
+
+class ResultsFileError(_PathError):
+    """A results file (``eval --results``, ``plot``) that is not what ``eval`` writes, or not for this run."""
+
+
+class ModelFolderError(_PathError):
+    """A folder given to ``eval`` that transformers cannot load, or that has no tokenizer to read text with."""
+
+
+class DataFileError(_PathError):
+    """Evaluation data that cannot be read or tokenized into at least one sequence."""
+
+
+class MissingExtraError(CkptavgError):
+    """A command needs an optional dependency that is not installed."""
+
+    def __init__(self, what: str, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(f"{what} needs {package}: pip install 'ckptavg[{extra}]'")
 
 
 class TokenError(InvalidArgumentError):

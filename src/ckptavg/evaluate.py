@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ckptavg.errors import CkptavgError, InvalidArgumentError
+from ckptavg.errors import DataFileError, InvalidArgumentError, ModelFolderError, ResultsFileError
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 
 _STEP = re.compile(r"(?:step|checkpoint-)(\d+)$")
@@ -44,7 +44,7 @@ def make_slice(data: Path, max_tokens: int, seq_len: int) -> Slice:
     try:
         digest = hashlib.sha256(data.read_bytes()).hexdigest()
     except OSError as e:
-        raise CkptavgError(f"{data}: cannot read ({e.strerror})") from e
+        raise DataFileError(data, f"cannot read ({e.strerror})") from e
     return Slice(str(data), digest, max_tokens, seq_len)
 
 
@@ -66,19 +66,19 @@ def tokens_for(folder: Path, sl: Slice, vocab_size: int) -> torch.Tensor:
         ids = torch.from_file(str(data), size=min(n, sl.max_tokens), dtype=torch.uint16).long()
     else:
         if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-            raise CkptavgError(f"{folder}: no tokenizer to read {data} with (none of {', '.join(_TOKENIZER_FILES)})")
+            raise ModelFolderError(folder, f"no tokenizer to read {data} with (none of {', '.join(_TOKENIZER_FILES)})")
         try:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:
-            raise CkptavgError(f"{folder}: no tokenizer to read {data} with ({e.__class__.__name__})") from e
+            raise ModelFolderError(folder, f"no tokenizer to read {data} with ({e.__class__.__name__})") from e
         ids = torch.tensor(tokenizer(data.read_text(), add_special_tokens=False)["input_ids"][: sl.max_tokens])
     n_seq = ids.numel() // sl.seq_len
     if n_seq == 0:
-        raise CkptavgError(f"{data}: {ids.numel()} tokens, fewer than one sequence of {sl.seq_len}")
+        raise DataFileError(data, f"{ids.numel()} tokens, fewer than one sequence of {sl.seq_len}")
     if int(ids.max()) >= vocab_size:
-        raise CkptavgError(f"{data}: token id {int(ids.max())} is outside {folder}'s vocabulary of {vocab_size}")
+        raise DataFileError(data, f"token id {int(ids.max())} is outside {folder}'s vocabulary of {vocab_size}")
     return ids[: n_seq * sl.seq_len].view(n_seq, sl.seq_len)
 
 
@@ -99,7 +99,7 @@ def load_model(folder: Path, device: str) -> Any:
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         except (OSError, ValueError) as e:
-            raise CkptavgError(f"{folder}: not a transformers model folder ({e})") from e
+            raise ModelFolderError(folder, f"not a transformers model folder ({e})") from e
     return model.to(device).eval()  # type: ignore[arg-type]
 
 
@@ -158,14 +158,14 @@ class Results:
                 old = Slice(**saved["slice"])
                 rows = saved["rows"]
             except (ValueError, KeyError, TypeError) as e:
-                raise CkptavgError(f"{path}: not a ckptavg results file ({e!r})") from e
+                raise ResultsFileError(path, f"not a ckptavg results file ({e!r})") from e
             if old != sl:
                 diff = ", ".join(
                     f"{k} {getattr(old, k)!r} there, {getattr(sl, k)!r} here"
                     for k in asdict(sl)
                     if getattr(old, k) != getattr(sl, k)
                 )
-                raise CkptavgError(f"{path}: holds losses on another data slice ({diff}); use another --results")
+                raise ResultsFileError(path, f"holds losses on another data slice ({diff}); use another --results")
             self.rows = {r["model"]: r for r in rows}
 
     def key(self, folder: Path) -> str:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import MissingExtraError, ResultsFileError
 
 STYLE = {"original": ("black", "o"), "lawa": ("tab:red", "s"), "ema": ("tab:blue", "^"), "swa": ("tab:green", "v")}
 
@@ -19,10 +19,10 @@ def load_rows(results: Path) -> list[dict[str, Any]]:
     try:
         rows = json.loads(results.read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CkptavgError(f"{results}: not a ckptavg results file ({e!r})") from e
+        raise ResultsFileError(results, f"not a ckptavg results file ({e!r})") from e
     rows = [r for r in rows if r.get("step") is not None]
     if not rows:
-        raise CkptavgError(f"{results}: no rows with a training step to plot")
+        raise ResultsFileError(results, "no rows with a training step to plot")
     return rows
 
 
@@ -49,7 +49,7 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise CkptavgError("plotting needs matplotlib: pip install 'ckptavg[plot]'") from e
+        raise MissingExtraError("plotting", "matplotlib", "plot") from e
     return plt
 
 

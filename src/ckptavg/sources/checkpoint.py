@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from ckptavg.errors import CheckpointFormatError
+from ckptavg.errors import InvalidCheckpointError
 
 
 @dataclass(frozen=True)
@@ -155,9 +155,10 @@ def read_slice(
     offset = entry.offset + start * size
     got = files.pread_into(entry.path, view, offset)
     if got != nbytes:
-        raise CheckpointFormatError(
-            f"{entry.path}: file ends inside tensor '{name}' (wanted {nbytes} bytes at offset {offset}, "
-            f"got {got}); the file is truncated"
+        raise InvalidCheckpointError(
+            entry.path,
+            f"file ends inside tensor '{name}' (wanted {nbytes} bytes at offset {offset}, "
+            f"got {got}); the file is truncated",
         )
     return view.view(dtype)
 
@@ -194,7 +195,7 @@ class FileTable:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as e:
-                    raise CheckpointFormatError(f"{path}: cannot open ({e.strerror})") from e
+                    raise InvalidCheckpointError(path, f"cannot open ({e.strerror})") from e
                 self._fds[path] = fd
             return fd
 
@@ -206,7 +207,7 @@ class FileTable:
             try:
                 n = os.preadv(fd, [mv[done:]], offset + done)
             except OSError as e:  # e.g. ESTALE: deleted by another node of a shared file system
-                raise CheckpointFormatError(f"{path}: cannot read ({e.strerror or e})") from e
+                raise InvalidCheckpointError(path, f"cannot read ({e.strerror or e})") from e
             if n == 0:
                 break
             done += n

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ckptavg.errors import CheckpointFormatError
+from ckptavg.errors import InvalidCheckpointError
 
 EXTRA_FILES = frozenset(
     {
@@ -54,12 +54,13 @@ def extra_files(folder: Path) -> dict[str, Path]:
             continue
         real = Path(os.path.realpath(path))
         if not _within(real, folder):
-            raise CheckpointFormatError(
-                f"{path}: a symlink to {real}, outside the checkpoint folder; not copied into outputs "
-                "(replace the link by a copy of the file, or remove it)"
+            raise InvalidCheckpointError(
+                path,
+                f"a symlink to {real}, outside the checkpoint folder; not copied into outputs "
+                "(replace the link by a copy of the file, or remove it)",
             )
         if not real.is_file():
-            raise CheckpointFormatError(f"{path}: not a regular file")
+            raise InvalidCheckpointError(path, "not a regular file")
         found[name] = real
     return found
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ckptavg.errors import CheckpointFormatError
+from ckptavg.errors import InvalidCheckpointError
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry
 from ckptavg.sources.extras import extra_files
 from ckptavg.sources.index import MAX_INDEX_BYTES, shard_files
@@ -39,13 +39,13 @@ def _shards_from_index(index: Path) -> list[Path]:
         with open(index, "rb") as f:
             raw = f.read(MAX_INDEX_BYTES + 1)
     except OSError as e:
-        raise CheckpointFormatError(f"{index}: cannot read ({e.strerror})") from e
+        raise InvalidCheckpointError(index, f"cannot read ({e.strerror})") from e
     # Names are checked as written (plain relative paths), not by where symlinks lead: the Hub cache's
     # snapshot folders are symlinks into a blobs folder, and that is fine; '../../x' or '/etc/x' is not.
     shards = [index.parent / f for f in shard_files(raw, str(index))]
     for p in shards:
         if not p.is_file():
-            raise CheckpointFormatError(f"{index}: weight_map names '{p.name}', which does not exist")
+            raise InvalidCheckpointError(index, f"weight_map names '{p.name}', which does not exist")
     return shards
 
 
@@ -62,7 +62,7 @@ def open_weight_file(
 def open_hf_checkpoint(folder: Path, step: int, *, allow_legacy: bool = False) -> Checkpoint:
     found = find_weights(folder)
     if found is None:
-        raise CheckpointFormatError(f"{folder}: no weights found (looked for {', '.join(n for n, _ in WEIGHT_FILES)})")
+        raise InvalidCheckpointError(folder, f"no weights found (looked for {', '.join(n for n, _ in WEIGHT_FILES)})")
     fmt, shards = found
     entries: dict[str, TensorEntry] = {}
     aliases: dict[str, str] = {}
@@ -70,7 +70,7 @@ def open_hf_checkpoint(folder: Path, step: int, *, allow_legacy: bool = False) -
         part, part_aliases = open_weight_file(shard, fmt, allow_legacy=allow_legacy)
         dup = set(part) & set(entries)
         if dup:
-            raise CheckpointFormatError(f"{folder}: tensor '{sorted(dup)[0]}' appears in more than one shard")
+            raise InvalidCheckpointError(folder, f"tensor '{sorted(dup)[0]}' appears in more than one shard")
         entries.update(part)
         aliases.update(part_aliases)
     return Checkpoint(step, str(folder), fmt, entries, aliases, list(shards), extra_files(folder), path=folder)

@@ -31,9 +31,9 @@ from urllib.parse import quote, urldefrag, urljoin, urlsplit
 
 from ckptavg.errors import (
     CacheDirError,
-    CheckpointFormatError,
     HubError,
     InvalidArgumentError,
+    InvalidCheckpointError,
     RevisionMovedError,
     StepNotFoundError,
     UnsafeServerValueError,
@@ -513,14 +513,16 @@ class HubSource:
         name, _ = self.revisions[step]
         found = next(((n, fmt) for n, fmt in WEIGHT_FILES if n in sizes), None)
         if found is None:
-            raise CheckpointFormatError(
-                f"{self.repo}@{name}: no weights in a supported format (has {', '.join(sorted(sizes)) or 'nothing'})"
+            raise InvalidCheckpointError(
+                f"{self.repo}@{name}", f"no weights in a supported format (has {', '.join(sorted(sizes)) or 'nothing'})"
             )
         weight, fmt = found
         if not weight.endswith(".index.json"):
             return fmt, [weight]
         if sizes[weight] > MAX_INDEX_BYTES:
-            raise CheckpointFormatError(f"{self.repo}@{name}/{weight}: {sizes[weight]} bytes, too large for an index")
+            raise InvalidCheckpointError(
+                f"{self.repo}@{name}/{weight}", f"{sizes[weight]} bytes, too large for an index"
+            )
         path, _ = self.use(step, weight, sizes[weight])
         try:
             shards = shard_files(path.read_bytes(), f"{self.repo}@{name}/{weight}")
@@ -528,7 +530,7 @@ class HubSource:
             self.done_with(step, weight)
         for shard in shards:
             if shard not in sizes:
-                raise CheckpointFormatError(f"{self.repo}@{name}: {weight} names {shard}, which is not there")
+                raise InvalidCheckpointError(f"{self.repo}@{name}", f"{weight} names {shard}, which is not there")
         return fmt, shards
 
     def _stream(self, step: int, filename: str, size: int) -> BinaryIO:
@@ -558,11 +560,11 @@ class HubSource:
         with ThreadPoolExecutor(max_workers=8) as pool:
             futures = {s: pool.submit(self.plan_checkpoint, s) for s in wanted}
         failed = [e for f in futures.values() if (e := f.exception()) is not None]
-        if len(failed) > 1 and all(isinstance(e, CheckpointFormatError) for e in failed):
+        if len(failed) > 1 and all(isinstance(e, InvalidCheckpointError) for e in failed):
             listed = "; ".join(str(e) for e in failed[:5]) + (
                 f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
             )
-            raise CheckpointFormatError(f"{len(failed)} revisions cannot be used: {listed}")
+            raise InvalidCheckpointError(self.repo, f"{len(failed)} revisions cannot be used: {listed}")
         if failed:
             raise failed[0]
         return {s: f.result() for s, f in futures.items()}
@@ -601,7 +603,7 @@ class HubSource:
             part, part_aliases = self._call(read, what=f"read the header of {f} of {name}")
             dup = sorted(set(part) & set(entries))
             if dup:
-                raise CheckpointFormatError(f"{label}: tensor '{dup[0]}' appears in more than one shard")
+                raise InvalidCheckpointError(label, f"tensor '{dup[0]}' appears in more than one shard")
             entries.update(part)
             aliases.update(part_aliases)
             file_of.update(dict.fromkeys(part, f))
@@ -668,8 +670,8 @@ class HubFiles:
         """Where the tensors of ``filename`` are in its downloaded copy, checked against the plan's header."""
         part, _ = open_weight_file(local, self.format, allow_legacy=self.hub.allow_legacy)
         if {n: e.info for n, e in part.items()} != self.planned[filename]:
-            raise CheckpointFormatError(
-                f"{self.label}/{filename}: the downloaded file's tensors differ from its header as read when planning"
+            raise InvalidCheckpointError(
+                f"{self.label}/{filename}", "the downloaded file's tensors differ from its header as read when planning"
             )
         return part
 

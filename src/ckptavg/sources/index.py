@@ -7,7 +7,7 @@ path before anything joins it to a folder or a URL, so an index cannot point out
 
 from __future__ import annotations
 
-from ckptavg.errors import CheckpointFormatError
+from ckptavg.errors import InvalidCheckpointError
 from ckptavg.sources.safetensors_file import check_name, kind, parse_json_object, show
 
 MAX_INDEX_BYTES = 64 * 1024 * 1024  # Pythia-12B's index is 28 KB; a 100k-tensor model's about 10 MB
@@ -16,22 +16,22 @@ MAX_INDEX_BYTES = 64 * 1024 * 1024  # Pythia-12B's index is 28 KB; a 100k-tensor
 def weight_map(raw: bytes, where: str) -> dict[str, str]:
     """The index's tensor name -> shard file name, every entry checked; messages start with ``where``."""
     if len(raw) > MAX_INDEX_BYTES:
-        raise CheckpointFormatError(
-            f"{where}: index is {len(raw)} bytes, over the {MAX_INDEX_BYTES} a shard index can need; refused"
+        raise InvalidCheckpointError(
+            where, f"index is {len(raw)} bytes, over the {MAX_INDEX_BYTES} a shard index can need; refused"
         )
     index = parse_json_object(raw, where, "index")
     if "weight_map" not in index:
-        raise CheckpointFormatError(f"{where}: index has no weight_map")
+        raise InvalidCheckpointError(where, "index has no weight_map")
     mapping = index["weight_map"]
     if not isinstance(mapping, dict):
-        raise CheckpointFormatError(f"{where}: weight_map is a JSON {kind(mapping)}, not an object")
+        raise InvalidCheckpointError(where, f"weight_map is a JSON {kind(mapping)}, not an object")
     if not mapping:
-        raise CheckpointFormatError(f"{where}: weight_map is empty; the index names no tensors")
+        raise InvalidCheckpointError(where, "weight_map is empty; the index names no tensors")
     for name, file in mapping.items():
         check_name(name, where)
         if not isinstance(file, str):
-            raise CheckpointFormatError(
-                f"{where}: weight_map gives tensor '{name}' a JSON {kind(file)}, not a file name"
+            raise InvalidCheckpointError(
+                where, f"weight_map gives tensor '{name}' a JSON {kind(file)}, not a file name"
             )
         _check_file_name(file, name, where)
     return dict(mapping)
@@ -45,9 +45,10 @@ def shard_files(raw: bytes, where: str) -> list[str]:
 def _check_file_name(file: str, tensor: str, where: str) -> None:
     why = _bad_path(file)
     if why:
-        raise CheckpointFormatError(
-            f"{where}: weight_map puts tensor '{tensor}' in {show(file)}, which {why}; "
-            "an index may only name files inside the checkpoint folder"
+        raise InvalidCheckpointError(
+            where,
+            f"weight_map puts tensor '{tensor}' in {show(file)}, which {why}; "
+            "an index may only name files inside the checkpoint folder",
         )
 
 

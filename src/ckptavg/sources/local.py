@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ckptavg.errors import CheckpointFormatError, InvalidRunError, StepNotFoundError
+from ckptavg.errors import InvalidCheckpointError, InvalidRunError, StepNotFoundError
 from ckptavg.sources.checkpoint import Checkpoint
 from ckptavg.sources.hf_folder import find_weights, open_hf_checkpoint
 from ckptavg.sources.nanogpt import open_nanogpt_checkpoint
@@ -64,7 +64,7 @@ def open_checkpoint(path: Path, step: int = 0, *, allow_legacy: bool = False) ->
         return open_hf_checkpoint(path, step, allow_legacy=allow_legacy)
     if path.is_file():
         return open_nanogpt_checkpoint(path, allow_legacy=allow_legacy)
-    raise CheckpointFormatError(f"{path}: no such file or folder")
+    raise InvalidCheckpointError(path, "no such file or folder")
 
 
 def open_run(source: str, *, allow_legacy: bool = False) -> LocalRun:

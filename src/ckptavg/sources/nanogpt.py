@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ckptavg.errors import CheckpointFormatError
+from ckptavg.errors import InvalidCheckpointError
 from ckptavg.sources.checkpoint import Checkpoint
 from ckptavg.sources.torch_file import load_torch_file, state_dict_entries
 
@@ -22,12 +22,12 @@ COMPILE_PREFIX = "_orig_mod."
 def open_nanogpt_checkpoint(path: Path, *, allow_legacy: bool = False) -> Checkpoint:
     obj, offset = load_torch_file(path, allow_legacy=allow_legacy)
     if not isinstance(obj, dict) or "model" not in obj:
-        raise CheckpointFormatError(f"{path}: not a nanoGPT checkpoint (no 'model' key)")
+        raise InvalidCheckpointError(path, "not a nanoGPT checkpoint (no 'model' key)")
     iter_num = obj.get("iter_num")
     if isinstance(iter_num, torch.Tensor):
         iter_num = int(iter_num.item())
     if not isinstance(iter_num, int):
-        raise CheckpointFormatError(f"{path}: nanoGPT checkpoint without an integer 'iter_num'")
+        raise InvalidCheckpointError(path, "nanoGPT checkpoint without an integer 'iter_num'")
     entries, aliases = state_dict_entries(path, obj["model"], offset, strip_prefix=COMPILE_PREFIX)
     meta = {k: obj[k] for k in ("model_args", "config") if isinstance(obj.get(k), dict)}
     return Checkpoint(iter_num, str(path), "nanogpt", entries, aliases, [path], {}, meta, path=path)

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import torch
 
-from ckptavg.errors import CheckpointFormatError
+from ckptavg.errors import InvalidCheckpointError
 from ckptavg.sources.checkpoint import TensorEntry, TensorInfo
 
 DTYPES: dict[str, torch.dtype] = {
@@ -72,7 +72,7 @@ def read_safetensors_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str
         with open(path, "rb") as f:
             return read_safetensors_header(f, path.stat().st_size, path)
     except OSError as e:
-        raise CheckpointFormatError(f"{path}: cannot read ({e.strerror})") from e
+        raise InvalidCheckpointError(path, f"cannot read ({e.strerror})") from e
 
 
 def read_safetensors_header(
@@ -82,20 +82,20 @@ def read_safetensors_header(
     range); entries name ``path``, messages name ``where`` (default: the path).
 
     Every field is checked before it is used: a header that is not exactly what the format allows raises
-    ``CheckpointFormatError`` with one line naming the file and what is wrong.
+    ``InvalidCheckpointError`` with one line naming the file and what is wrong.
     """
     label = where or str(path)
     head = f.read(8)
     if len(head) < 8:
-        raise CheckpointFormatError(f"{label}: only {size} bytes; not a safetensors file (truncated?)")
+        raise InvalidCheckpointError(label, f"only {size} bytes; not a safetensors file (truncated?)")
     (n,) = struct.unpack("<Q", head)
     if n > _MAX_HEADER or 8 + n > size:
-        raise CheckpointFormatError(
-            f"{label}: header length {n} does not fit in the file's {size} bytes (truncated or corrupt)"
+        raise InvalidCheckpointError(
+            label, f"header length {n} does not fit in the file's {size} bytes (truncated or corrupt)"
         )
     raw = f.read(n)
     if len(raw) < n:
-        raise CheckpointFormatError(f"{label}: header cut short at {len(raw)} of {n} bytes (truncated?)")
+        raise InvalidCheckpointError(label, f"header cut short at {len(raw)} of {n} bytes (truncated?)")
     header = parse_json_object(raw, label)
     metadata = _metadata(header.pop("__metadata__", None), label)
     data_start = 8 + n
@@ -109,19 +109,20 @@ def read_safetensors_header(
     cursor = 0
     for begin, end, name, _ in entries:
         if begin != cursor:
-            raise CheckpointFormatError(
-                f"{label}: tensor '{name}' starts at byte {begin} of the data, expected {cursor} "
-                "(overlapping or gapped offsets); the header is corrupt"
+            raise InvalidCheckpointError(
+                label,
+                f"tensor '{name}' starts at byte {begin} of the data, expected {cursor} "
+                "(overlapping or gapped offsets); the header is corrupt",
             )
         cursor = end
     if cursor > data_size:
-        raise CheckpointFormatError(
-            f"{label}: header promises {cursor} bytes of tensor data but the file holds {data_size}; "
-            "the file is truncated"
+        raise InvalidCheckpointError(
+            label,
+            f"header promises {cursor} bytes of tensor data but the file holds {data_size}; the file is truncated",
         )
     if cursor < data_size:
-        raise CheckpointFormatError(
-            f"{label}: {data_size - cursor} bytes after the last tensor; the header does not describe the file"
+        raise InvalidCheckpointError(
+            label, f"{data_size - cursor} bytes after the last tensor; the header does not describe the file"
         )
     return {name: entry for _, _, name, entry in entries}, metadata
 
@@ -134,17 +135,17 @@ def parse_json_object(raw: bytes, label: str, what: str = "header") -> dict[str,
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CheckpointFormatError(f"{label}: {what} is not UTF-8 (byte {e.start})") from e
+        raise InvalidCheckpointError(label, f"{what} is not UTF-8 (byte {e.start})") from e
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except _DuplicateKey as e:
-        raise CheckpointFormatError(f"{label}: {what} repeats the key {show(e.key)}") from e
+        raise InvalidCheckpointError(label, f"{what} repeats the key {show(e.key)}") from e
     except RecursionError as e:
-        raise CheckpointFormatError(f"{label}: {what} is not valid JSON (nested too deeply)") from e
+        raise InvalidCheckpointError(label, f"{what} is not valid JSON (nested too deeply)") from e
     except ValueError as e:  # JSONDecodeError, and int() of more digits than sys.get_int_max_str_digits()
-        raise CheckpointFormatError(f"{label}: {what} is not valid JSON ({_first_line(e)})") from e
+        raise InvalidCheckpointError(label, f"{what} is not valid JSON ({_first_line(e)})") from e
     if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{label}: {what} is a JSON {kind(obj)}, not an object")
+        raise InvalidCheckpointError(label, f"{what} is a JSON {kind(obj)}, not an object")
     return obj
 
 
@@ -166,11 +167,11 @@ def _metadata(value: object, label: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise CheckpointFormatError(f"{label}: __metadata__ is a JSON {kind(value)}, not an object of strings")
+        raise InvalidCheckpointError(label, f"__metadata__ is a JSON {kind(value)}, not an object of strings")
     for k, v in value.items():
         if not isinstance(v, str):
-            raise CheckpointFormatError(
-                f"{label}: __metadata__ value of {show(k)} is a JSON {kind(v)}; the format allows only strings"
+            raise InvalidCheckpointError(
+                label, f"__metadata__ value of {show(k)} is a JSON {kind(v)}; the format allows only strings"
             )
     return dict(value)
 
@@ -180,48 +181,50 @@ def _entry(name: str, spec: object, label: str, data_size: int) -> tuple[TensorI
     check_name(name, label)
     where = f"{label}: tensor '{name}'"
     if not isinstance(spec, dict):
-        raise CheckpointFormatError(f"{where}: header entry is a JSON {kind(spec)}, not an object")
+        raise InvalidCheckpointError(where, f"header entry is a JSON {kind(spec)}, not an object")
     missing = sorted(_ENTRY_KEYS - spec.keys())
     if missing:
-        raise CheckpointFormatError(f"{where}: header entry has no {', '.join(missing)}")
+        raise InvalidCheckpointError(where, f"header entry has no {', '.join(missing)}")
     extra = sorted(spec.keys() - _ENTRY_KEYS)
     if extra:  # a field we do not know might change how the bytes read; refuse rather than guess
         shown = ", ".join(show(k) for k in extra[:3])
-        raise CheckpointFormatError(f"{where}: header entry has unknown field(s) {shown}")
+        raise InvalidCheckpointError(where, f"header entry has unknown field(s) {shown}")
     code = spec["dtype"]
     if not isinstance(code, str):
-        raise CheckpointFormatError(f"{where}: dtype is a JSON {kind(code)}, not a string")
+        raise InvalidCheckpointError(where, f"dtype is a JSON {kind(code)}, not a string")
     if code in UNSUPPORTED_DTYPES:
-        raise CheckpointFormatError(f"{where}: dtype {code} ({UNSUPPORTED_DTYPES[code]}) is not supported")
+        raise InvalidCheckpointError(where, f"dtype {code} ({UNSUPPORTED_DTYPES[code]}) is not supported")
     if code not in DTYPES:
-        raise CheckpointFormatError(f"{where}: unknown dtype {show(code)} (known: {', '.join(DTYPES)})")
+        raise InvalidCheckpointError(where, f"unknown dtype {show(code)} (known: {', '.join(DTYPES)})")
     dtype = DTYPES[code]
     shape = spec["shape"]
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= _INT64_MAX for d in shape):
-        raise CheckpointFormatError(f"{where}: shape {show(shape)} is not a list of non-negative integers")
+        raise InvalidCheckpointError(where, f"shape {show(shape)} is not a list of non-negative integers")
     offsets = spec["data_offsets"]
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(x) and 0 <= x <= _INT64_MAX for x in offsets)
     ):
-        raise CheckpointFormatError(
-            f"{where}: data_offsets {show(offsets)} is not a pair of non-negative 64-bit integers"
+        raise InvalidCheckpointError(
+            where, f"data_offsets {show(offsets)} is not a pair of non-negative 64-bit integers"
         )
     begin, end = offsets
     if begin > end:
-        raise CheckpointFormatError(f"{where}: data_offsets [{begin}, {end}) ends before it begins")
+        raise InvalidCheckpointError(where, f"data_offsets [{begin}, {end}) ends before it begins")
     nbytes = _nbytes_within(shape, dtype.itemsize, data_size)
     if nbytes is None:
-        raise CheckpointFormatError(
-            f"{where}: shape {show(shape)} of {code} needs more than the file's {data_size} bytes of data; "
-            "the header is corrupt"
+        raise InvalidCheckpointError(
+            where,
+            f"shape {show(shape)} of {code} needs more than the file's {data_size} bytes of data; "
+            "the header is corrupt",
         )
     info = TensorInfo(tuple(shape), dtype)
     if end - begin != nbytes:
-        raise CheckpointFormatError(
-            f"{label}: header gives tensor '{name}' bytes [{begin}, {end}), but shape {list(shape)} of "
-            f"{code} needs {nbytes} bytes; the header is corrupt"
+        raise InvalidCheckpointError(
+            label,
+            f"header gives tensor '{name}' bytes [{begin}, {end}), but shape {list(shape)} of "
+            f"{code} needs {nbytes} bytes; the header is corrupt",
         )
     return info, begin, end
 
@@ -230,11 +233,11 @@ def check_name(name: str, label: str) -> None:
     """A tensor name a message can show on one line and a file can store: non-empty, no C0/C1 control
     characters (NUL included), no lone surrogates."""
     if not name:
-        raise CheckpointFormatError(f"{label}: a tensor has an empty name")
+        raise InvalidCheckpointError(label, "a tensor has an empty name")
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
-        raise CheckpointFormatError(f"{label}: tensor name {show(name)} holds control characters")
+        raise InvalidCheckpointError(label, f"tensor name {show(name)} holds control characters")
     if any(0xD800 <= ord(c) < 0xE000 for c in name):  # "\ud800" is valid JSON but no UTF-8 can hold it
-        raise CheckpointFormatError(f"{label}: tensor name {show(name)} holds a lone UTF-16 surrogate")
+        raise InvalidCheckpointError(label, f"tensor name {show(name)} holds a lone UTF-16 surrogate")
 
 
 def _nbytes_within(shape: list[int], itemsize: int, limit: int) -> int | None:

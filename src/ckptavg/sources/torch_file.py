@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 import torch
 
-from ckptavg.errors import CheckpointFormatError, CkptavgError, UnsafePickleError
+from ckptavg.errors import CkptavgError, InvalidCheckpointError, UnsafePickleError
 from ckptavg.sources.checkpoint import TensorEntry, TensorInfo
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -47,21 +47,22 @@ def load_torch_file(path: Path, *, allow_legacy: bool = False) -> tuple[object, 
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise CheckpointFormatError(f"{path}: cannot read ({e.strerror})") from e
+        raise InvalidCheckpointError(path, f"cannot read ({e.strerror})") from e
     if magic != _ZIP_MAGIC:
         if magic[:1] != b"\x80":
-            raise CheckpointFormatError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
+            raise InvalidCheckpointError(path, "not a torch checkpoint (neither a zip archive nor a pickle)")
         if not allow_legacy:
-            raise CheckpointFormatError(
-                f"{path}: legacy (non-zip) torch pickle, which cannot be read lazily; pass --allow-legacy-pickle "
-                "to load it whole into memory, or re-save it with a current torch"
+            raise InvalidCheckpointError(
+                path,
+                "legacy (non-zip) torch pickle, which cannot be read lazily; pass --allow-legacy-pickle "
+                "to load it whole into memory, or re-save it with a current torch",
             )
         return _load(path, mmap=False), lambda t: -1
     try:
         with open(path, "rb") as f:
             check_archive(f, path.stat().st_size, str(path))
     except OSError as e:
-        raise CheckpointFormatError(f"{path}: cannot read ({e.strerror})") from e
+        raise InvalidCheckpointError(path, f"cannot read ({e.strerror})") from e
     obj = _load(path, mmap=True)
     return obj, _offset_finder(path, obj)
 
@@ -71,7 +72,7 @@ def read_torch_structure(f: BinaryIO, where: str) -> object:
     every tensor's shape and dtype but no data: under ``skip_data`` torch reads the zip directory and
     the pickle only. Storages are allocated but never touched, so they take address space, not memory."""
     if f.read(4) != _ZIP_MAGIC:
-        raise CheckpointFormatError(f"{where}: not a torch zip file (a legacy pickle cannot be read from a Hub)")
+        raise InvalidCheckpointError(where, "not a torch zip file (a legacy pickle cannot be read from a Hub)")
     size = f.seek(0, io.SEEK_END)
     f.seek(0)
     check_archive(f, size, where)
@@ -89,7 +90,7 @@ def _load(path: Path | BinaryIO, *, mmap: bool, where: str | None = None) -> obj
     except pickle.UnpicklingError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), str(e).splitlines()[0])
         raise UnsafePickleError(
-            f"{where}: holds objects other than plain weights, refused by weights_only=True ({detail})"
+            where, f"holds objects other than plain weights, refused by weights_only=True ({detail})"
         ) from e
     except (
         RuntimeError,
@@ -105,7 +106,7 @@ def _load(path: Path | BinaryIO, *, mmap: bool, where: str | None = None) -> obj
         NotImplementedError,
     ) as e:  # torch's own reading of what we checked
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(f"{where}: cannot be read as a torch checkpoint ({first})") from e
+        raise InvalidCheckpointError(where, f"cannot be read as a torch checkpoint ({first})") from e
 
 
 def check_archive(f: BinaryIO, size: int, where: str) -> None:
@@ -118,21 +119,22 @@ def check_archive(f: BinaryIO, size: int, where: str) -> None:
             prefix = infos[0].filename.split("/")[0]
             pkl = records.get(f"{prefix}/data.pkl")
             if pkl is None:
-                raise CheckpointFormatError(f"{where}: no {prefix}/data.pkl record; not a torch checkpoint")
+                raise InvalidCheckpointError(where, f"no {prefix}/data.pkl record; not a torch checkpoint")
             if pkl.file_size > MAX_PICKLE_BYTES:
-                raise CheckpointFormatError(
-                    f"{where}: its pickle ({pkl.filename}) is {pkl.file_size} bytes, over the "
-                    f"{MAX_PICKLE_BYTES} a checkpoint's structure can need; refused"
+                raise InvalidCheckpointError(
+                    where,
+                    f"its pickle ({pkl.filename}) is {pkl.file_size} bytes, over the "
+                    f"{MAX_PICKLE_BYTES} a checkpoint's structure can need; refused",
                 )
             raw = z.read(pkl)  # stored, so exactly file_size bytes; zipfile also checks its CRC
     except CkptavgError:
         raise
     except zipfile.BadZipFile as e:
-        raise CheckpointFormatError(
-            f"{where}: zip directory missing or damaged; the file is truncated or corrupt ({_first_line(e)})"
+        raise InvalidCheckpointError(
+            where, f"zip directory missing or damaged; the file is truncated or corrupt ({_first_line(e)})"
         ) from e
     except Exception as e:  # zipfile on hostile bytes: BadZipFile, NotImplementedError, OverflowError, ...
-        raise CheckpointFormatError(f"{where}: zip archive is corrupt ({_first_line(e)})") from e
+        raise InvalidCheckpointError(where, f"zip archive is corrupt ({_first_line(e)})") from e
     storages, tensors = _scan_pickle(raw, where)
     sizes = {
         name[len(prefix) + len("/data/") :]: zi.file_size
@@ -141,55 +143,57 @@ def check_archive(f: BinaryIO, size: int, where: str) -> None:
     }
     for name, (key, first, end) in tensors.items():
         if key in sizes and end > sizes[key]:
-            raise CheckpointFormatError(
-                f"{where}: tensor '{name}' needs bytes [{first}, {end}) of storage record data/{key}, which "
-                f"holds {sizes[key]}; the file is corrupt"
+            raise InvalidCheckpointError(
+                where,
+                f"tensor '{name}' needs bytes [{first}, {end}) of storage record data/{key}, which "
+                f"holds {sizes[key]}; the file is corrupt",
             )
     for key, nbytes in storages.items():
         if key not in sizes:
-            raise CheckpointFormatError(f"{where}: the pickle refers to storage {key!r}, which has no record")
+            raise InvalidCheckpointError(where, f"the pickle refers to storage {key!r}, which has no record")
         if nbytes > sizes[key]:
-            raise CheckpointFormatError(
-                f"{where}: storage data/{key} claims {nbytes} bytes but its record holds {sizes[key]}; "
-                "the file is corrupt"
+            raise InvalidCheckpointError(
+                where,
+                f"storage data/{key} claims {nbytes} bytes but its record holds {sizes[key]}; the file is corrupt",
             )
 
 
 def _check_records(infos: list[zipfile.ZipInfo], size: int, where: str) -> dict[str, zipfile.ZipInfo]:
     """Records by name, each stored uncompressed, inside the file, and apart from every other."""
     if not infos:
-        raise CheckpointFormatError(f"{where}: zip archive holds no records; not a torch checkpoint")
+        raise InvalidCheckpointError(where, "zip archive holds no records; not a torch checkpoint")
     records: dict[str, zipfile.ZipInfo] = {}
     spans = []
     for zi in infos:
         name = zi.filename
         shown = name if name.isprintable() and len(name) <= 200 else repr(name[:200])
         if name in records:
-            raise CheckpointFormatError(f"{where}: record {shown} appears twice in the zip directory")
+            raise InvalidCheckpointError(where, f"record {shown} appears twice in the zip directory")
         records[name] = zi
         if zi.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointFormatError(
-                f"{where}: record {shown} is compressed (zip method {zi.compress_type}); torch never writes "
-                "compressed records, and inflating one could take any amount of memory"
+            raise InvalidCheckpointError(
+                where,
+                f"record {shown} is compressed (zip method {zi.compress_type}); torch never writes "
+                "compressed records, and inflating one could take any amount of memory",
             )
         if zi.flag_bits & 0x1:
-            raise CheckpointFormatError(f"{where}: record {shown} is encrypted")
+            raise InvalidCheckpointError(where, f"record {shown} is encrypted")
         if zi.compress_size != zi.file_size:
-            raise CheckpointFormatError(
-                f"{where}: record {shown} is stored but its sizes differ ({zi.compress_size} != {zi.file_size})"
+            raise InvalidCheckpointError(
+                where, f"record {shown} is stored but its sizes differ ({zi.compress_size} != {zi.file_size})"
             )
         # The name's length in the local header is the directory's; its extra field may add more.
         start = zi.header_offset
         end = start + _LOCAL_HEADER + len(zi.orig_filename.encode("utf-8")) + zi.compress_size
         if end > size:
-            raise CheckpointFormatError(
-                f"{where}: record {shown} runs to byte {end}, past the file's {size}; the file is truncated"
+            raise InvalidCheckpointError(
+                where, f"record {shown} runs to byte {end}, past the file's {size}; the file is truncated"
             )
         spans.append((start, end, shown))
     spans.sort()
     for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
         if start < end:
-            raise CheckpointFormatError(f"{where}: records {a} and {b} overlap; the zip directory is corrupt")
+            raise InvalidCheckpointError(where, f"records {a} and {b} overlap; the zip directory is corrupt")
     return records
 
 
@@ -323,9 +327,9 @@ def _scan_pickle(raw: bytes, where: str) -> tuple[dict[str, int], dict[str, tupl
     try:
         obj = scanner.load()
     except _Corrupt as e:
-        raise CheckpointFormatError(f"{where}: the pickle holds {e}; the file is corrupt") from e
+        raise InvalidCheckpointError(where, f"the pickle holds {e}; the file is corrupt") from e
     except Exception as e:  # any failure to parse hostile bytes is the file's fault, never ours
-        raise CheckpointFormatError(f"{where}: the pickle is corrupt ({type(e).__name__}: {_first_line(e)})") from e
+        raise InvalidCheckpointError(where, f"the pickle is corrupt ({type(e).__name__}: {_first_line(e)})") from e
     tensors: dict[str, tuple[str, int, int]] = {}
     seen: set[int] = set()
     stack: list[tuple[object, str]] = [(obj, "")]
@@ -362,7 +366,7 @@ def _record_offsets(path: Path) -> dict[str, int]:
             if len(parts) < 2 or parts[-2] != "data":
                 continue
             if zi.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointFormatError(f"{path}: record {zi.filename} is compressed; torch never writes that")
+                raise InvalidCheckpointError(path, f"record {zi.filename} is compressed; torch never writes that")
             f.seek(zi.header_offset)
             local = f.read(30)
             name_len, extra_len = struct.unpack("<HH", local[26:30])
@@ -378,9 +382,7 @@ def _offset_finder(path: Path, obj: object) -> Callable[[torch.Tensor], int]:
     base = pointers[0] - record_offsets[0] if record_offsets else 0
     known = set(record_offsets)
     if not record_offsets or any(p - base not in known for p in pointers):
-        raise CheckpointFormatError(
-            f"{path}: tensor storages do not line up with the zip records; cannot read it lazily"
-        )
+        raise InvalidCheckpointError(path, "tensor storages do not line up with the zip records; cannot read it lazily")
 
     def offset(t: torch.Tensor) -> int:
         return int(t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size())
@@ -416,14 +418,14 @@ def state_dict_entries(
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
-        raise CheckpointFormatError(f"{path}: expected a state dict of name -> tensor")
+        raise InvalidCheckpointError(path, "expected a state dict of name -> tensor")
     entries: dict[str, TensorEntry] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
     for raw, t in state_dict.items():
         name = raw[len(strip_prefix) :] if strip_prefix and raw.startswith(strip_prefix) else raw
         if not t.is_contiguous():
-            raise CheckpointFormatError(f"{path}: tensor '{name}' is not stored contiguously; re-save the file")
+            raise InvalidCheckpointError(path, f"tensor '{name}' is not stored contiguously; re-save the file")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and key in seen:
             aliases[name] = seen[key]
