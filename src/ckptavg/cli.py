@@ -442,7 +442,7 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
 @click.argument("run", required=False)
 @_source_options
 @click.option("--steps", type=STEP_RANGE, required=True, help="Window ends START:END[:INTERVAL], inclusive.")
-@click.option("--k", type=int, default=5, show_default=True, help="Checkpoints per window.")
+@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True, help="Checkpoints per window.")
 @click.option(
     "--k-stepsize",
     "--nu",
@@ -479,7 +479,13 @@ def lawa(**kw: Any) -> None:
     required=True,
     help="The EMA runs over checkpoints START..END; outputs at START, START+INTERVAL, ...",
 )
-@click.option("--decay", type=float, default=0.9, show_default=True, help="ema = decay*ema + (1-decay)*x.")
+@click.option(
+    "--decay",
+    type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
+    default=0.9,
+    show_default=True,
+    help="ema = decay*ema + (1-decay)*x.",
+)
 @click.option("--interval", type=STRIDE, default=None, help="Steps between outputs [default: checkpoint spacing].")
 @click.option("--every", type=STRIDE, default=None, help="Use only checkpoints START, START+EVERY, ... [default: all].")
 @_write_options
@@ -534,10 +540,16 @@ def avg(**kw: Any) -> None:
 @_source_options
 @click.option("--method", type=click.Choice(["lawa", "ema", "swa"]), default="lawa", show_default=True)
 @click.option("--steps", type=STEP_RANGE, required=True, help="Output steps START:END[:INTERVAL].")
-@click.option("--k", type=int, default=5, show_default=True, help="lawa: checkpoints per window.")
+@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True, help="lawa: checkpoints per window.")
 @click.option("--k-stepsize", "--nu", "k_stepsize", type=STRIDE, default=None, help="lawa: steps between members.")
 @click.option("--interval", type=STRIDE, default=None, help="Steps between outputs.")
-@click.option("--decay", type=float, default=0.9, show_default=True, help="ema: decay.")
+@click.option(
+    "--decay",
+    type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
+    default=0.9,
+    show_default=True,
+    help="ema: decay.",
+)
 @click.option("--start", type=FIRST_STEP, default=None, help="swa: first averaged checkpoint.")
 @click.option("--every", type=STRIDE, default=None, help="ema/swa: steps between used checkpoints.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True)
