@@ -123,11 +123,11 @@ CASES = [
     (["plan", "{run}", "--steps", "3000:5000", "--method", "swa", "--start", "-5"], 2, "'--start': -5 is not"),
     (["plan", "{run}", "--steps", "3000:5000", "--method", "ema", "--every", "0"], 2, "'--every': 0 is not"),
     (["status", "lawa", "{run}", "--steps", "3000:5000", "--interval", "0", "--out", "{out}"], 2, "'--interval'"),
-    # k and decay: the library's checks (exit 1), as before
-    ([*LAWA[:-2], "--k", "0", "--out", "{out}"], 1, "k must be at least 1, got 0"),
-    (["ema", "{run}", "--steps", "1000:3000", "--decay", "nan", "--out", "{out}"], 1, "decay must be strictly"),
-    (["ema", "{run}", "--steps", "1000:3000", "--decay", "inf", "--out", "{out}"], 1, "decay must be strictly"),
-    (["plan", "{run}", "--steps", "3000:5000", "--method", "ema", "--decay", "-inf"], 1, "decay must be"),
+    # k and decay: usage errors, like every other option out of range
+    ([*LAWA[:-2], "--k", "0", "--out", "{out}"], 2, "'--k': 0 is not in the range x>=1"),
+    (["ema", "{run}", "--steps", "1000:3000", "--decay", "nan", "--out", "{out}"], 2, "'--decay': nan is not a finite"),
+    (["ema", "{run}", "--steps", "1000:3000", "--decay", "inf", "--out", "{out}"], 2, "'--decay': inf is not in the"),
+    (["plan", "{run}", "--steps", "3000:5000", "--method", "ema", "--decay", "-inf"], 2, "'--decay': -inf is not"),
     # sizes
     ([*LAWA, "--max-shard-size", "0"], 2, "'--max-shard-size': '0' is 0 bytes; give at least 1 byte"),
     ([*LAWA, "--max-shard-size", "-1GB"], 2, "'--max-shard-size': '-1GB' is negative"),
