@@ -122,7 +122,8 @@ class Downloads:
         self.members = members
         self.budget = budget
         self.files = files
-        self.pool: Workers[FileKey] = Workers(workers, "ckptavg-download")
+        files_to_fetch = len(frozenset().union(*(u.files for u in units)))  # none for a local run: no threads
+        self.pool: Workers[FileKey] = Workers(min(workers, files_to_fetch), "ckptavg-download")
         self.results = self.pool.results()
         self.asked: set[FileKey] = set()
         self.local: dict[FileKey, tuple[Path, bool]] = {}  # path, and whether it counts against the budget
