@@ -211,3 +211,38 @@ def test_a_submitted_job_record_holds_no_token(slurm_env, job_dir: Path, monkeyp
         return q.returncode == 0 and not q.stdout.strip()
 
     _wait(finished, 120, f"job {job} did not finish")  # the next test's cluster starts idle
+
+
+def test_jobs_run_in_folders_whose_names_need_quoting(slurm_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The real sbatch reads the scripts; each job works in its folder; nothing in a name runs.
+
+    A folder with a space is given to sbatch double-quoted (#SBATCH --chdir="..."), so its logs land there; a
+    name sbatch cannot read back is only in the body's `cd --`, and logs land where sbatch ran.
+    """
+    names = ("job dir", "it's $(touch PWNED) `touch PWNED`")
+    jobs = {}
+    for name in names:
+        folder = tmp_path / name
+        shutil.copytree(EXAMPLE, folder / "run")
+        monkeypatch.chdir(folder)
+        script = CliRunner().invoke(cli, ["slurm", "--num-tasks", "2", *COMMAND])
+        assert script.exit_code == 0, script.output
+        assert (f'#SBATCH --chdir="{folder}"\n' in script.stdout) == (name == names[0])
+        (folder / "job.sbatch").write_text(script.stdout)
+        done = subprocess.run(
+            ["sbatch", "--parsable", str(folder / "job.sbatch")], cwd=tmp_path, env=slurm_env, capture_output=True
+        )
+        assert done.returncode == 0, done.stderr
+        jobs[name] = done.stdout.decode().strip().split(";")[0]
+
+    def finished() -> bool:
+        q = subprocess.run(["squeue", "-h"], env=slurm_env, capture_output=True, text=True, timeout=15)
+        return q.returncode == 0 and not q.stdout.strip()
+
+    _wait(finished, 120, f"jobs {jobs} did not finish")
+    for name in names:
+        monkeypatch.chdir(tmp_path / name)
+        assert [r.split("\t")[1] for r in status()] == ["complete"] * 6
+    assert len(list((tmp_path / names[0]).glob(f"slurm-{jobs[names[0]]}_*.out"))) == 2
+    assert len(list(tmp_path.glob(f"slurm-{jobs[names[1]]}_*.out"))) == 2
+    assert not list(tmp_path.rglob("PWNED"))

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import subprocess
 import sys
 import traceback
@@ -25,6 +24,7 @@ import click
 from ckptavg import __version__
 from ckptavg.errors import CkptavgError, InvalidArgumentError
 from ckptavg.sizes import SIZE
+from ckptavg.slurm import MAX_CPUS, SLURM_MEMORY, SLURM_NAME, SLURM_TIME, TokenSource, job_script, one_line, shell_quote
 from ckptavg.steps import STEP_RANGE, STEP_RANGE_FLOAT
 from ckptavg.tokens import ENV, Redactor, resolve_token
 
@@ -645,17 +645,29 @@ def status(as_json: bool, array_only: bool, command: tuple[str, ...]) -> None:
     default=None,
     help="Array size [default: one task per 4 outputs, at most 32].",
 )
-@click.option("--partition", default=None, help="SLURM partition.")
-@click.option("--time", "time_limit", default=None, help="Time limit per task, e.g. 2:00:00.")
+@click.option("--partition", type=SLURM_NAME, default=None, help="SLURM partition.")
+@click.option(
+    "--time",
+    "time_limit",
+    type=SLURM_TIME,
+    default=None,
+    help="Time limit per task: minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]] or UNLIMITED, e.g. 2:00:00.",
+)
 @click.option(
     "--cpus",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CPUS),
     default=2,
     show_default=True,
     help="CPUs per task (one computes, one reads and writes).",
 )
-@click.option("--mem", default="2G", show_default=True, help="Memory per task (ckptavg peaks near 0.3 GB).")
-@click.option("--job-name", default=None, help="[default: ckptavg-METHOD]")
+@click.option(
+    "--mem",
+    type=SLURM_MEMORY,
+    default="2G",
+    show_default=True,
+    help="Memory per task, a whole number with K, M, G or T (ckptavg peaks near 0.3 GB).",
+)
+@click.option("--job-name", type=SLURM_NAME, default=None, help="[default: ckptavg-METHOD]")
 @click.option("--submit", is_flag=True, help="Submit with sbatch and print the job id, instead of the script.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def slurm(
@@ -689,24 +701,23 @@ def slurm(
     shares = [api.task_share(plan, t, tasks) for t in range(tasks)]
     read = max(p.bytes_to_read() for p in shares)
     written = max(sum(plan.members[w.steps[-1]].nbytes for w in p.windows) for p in shares)
-    run = shlex.join([sys.executable, "-m", "ckptavg", *_without_token(command)])
-    token_lines, note = _job_token(kw, submit)
-    lines = [
-        "#!/bin/bash",
-        f"# ckptavg {name}: {n} outputs in {tasks} array tasks; the largest task reads about "
-        f"{human_bytes(read)} and writes about {human_bytes(written)} into {kw['out']}",
-        f"#SBATCH --job-name={job_name or 'ckptavg-' + name}",
-        f"#SBATCH --array=0-{tasks - 1}",
-        f"#SBATCH --cpus-per-task={cpus}",
-        f"#SBATCH --mem={mem}",
-        f"#SBATCH --chdir={Path.cwd()}",
-        *([f"#SBATCH --partition={partition}"] if partition else []),
-        *([f"#SBATCH --time={time_limit}"] if time_limit else []),
-        "set -euo pipefail",
-        *token_lines,
-        f'exec {run} --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks {tasks}',
-    ]
-    script = "\n".join(lines) + "\n"
+    token, note = _job_token(kw, submit)
+    summary = (
+        f"ckptavg {name}: {n} outputs in {tasks} array tasks; the largest task reads about {human_bytes(read)} "
+        f"and writes about {human_bytes(written)} into {shell_quote(kw['out'])}"
+    )
+    script = job_script(
+        [sys.executable, "-m", "ckptavg", *_without_token(command)],
+        tasks=tasks,
+        workdir=Path.cwd(),
+        job_name=job_name or f"ckptavg-{name}",
+        cpus=cpus,
+        mem=mem,
+        time=time_limit,
+        partition=partition,
+        summary=summary,
+        token=token,
+    )
     if note:
         click.echo(f"ckptavg: {note}", err=True)
     if not submit:
@@ -716,12 +727,13 @@ def slurm(
     if _given_token(kw):  # to the job as sbatch passes on its environment (--export=ALL), not in the script
         env = {**os.environ, ENV: _given_token(kw)}
     try:
-        done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True, env=env)
+        done = subprocess.run(["sbatch", "--parsable"], input=script.encode(), capture_output=True, env=env)
     except FileNotFoundError as e:
         raise click.ClickException("sbatch not found: is this a SLURM login node?") from e
     if done.returncode != 0:
-        raise click.ClickException(f"sbatch refused the job: {done.stderr.strip()}")
-    click.echo(done.stdout.strip().split(";")[0])
+        why = one_line("; ".join(done.stderr.decode(errors="replace").split("\n")).strip("; "))
+        raise click.ClickException(f"sbatch refused the job: {why}")
+    click.echo(done.stdout.decode(errors="replace").strip().split(";")[0])
 
 
 def _without_token(command: tuple[str, ...]) -> list[str]:
@@ -743,33 +755,26 @@ def _given_token(kw: dict[str, Any]) -> str:
     return (resolve_token(kw["token"]) or "") if kw.get("token") is not None else ""
 
 
-def _job_token(kw: dict[str, Any], submit: bool) -> tuple[list[str], str]:
-    """Script lines and a note (stderr) that say how the job gets its Hub token; it is never in the script.
+def _job_token(kw: dict[str, Any], submit: bool) -> tuple[TokenSource | None, str]:
+    """How the job gets its Hub token (see ckptavg.slurm.job_script), and a note for stderr; never in the script.
 
     A --token-file stays in the command: a path is not a secret, and the job reads the file when it runs
     (on a file system the compute nodes share). Otherwise the job reads HF_TOKEN from the environment
     sbatch passes on; with --submit, a --token is put there for it.
     """
     if not kw.get("repo"):
-        return [], ""
+        return None, ""
     if kw.get("token_file") is not None:
-        return [
-            "# Hub token: the job reads it from the --token-file below when it runs (it is not in this script)"
-        ], f"the job reads its Hub token from --token-file {kw['token_file']}; compute nodes must see that file"
-    lines = [
-        "# Hub token: not in this script. The job reads HF_TOKEN from the environment sbatch passes on:",
-        "# export HF_TOKEN=... (or HF_TOKEN=$(cat ~/.cache/huggingface/token)) before sbatch, or give the",
-        "# command --token-file PATH instead.",
-    ]
+        path = shell_quote(kw["token_file"])
+        return "file", f"the job reads its Hub token from --token-file {path}; compute nodes must see that file"
     if not _given_token(kw):
-        return lines, (
+        return "environment", (
             "the script holds no token; its job reads HF_TOKEN from the environment of sbatch "
             "(export HF_TOKEN=... before sbatch) when the repository needs one"
         )
-    need = ': "${HF_TOKEN:?this job needs a Hub token: export HF_TOKEN=... before sbatch, or use --token-file}"'
     if submit:
-        return [*lines, need], "--token goes to the job as HF_TOKEN in the environment of sbatch, not in the script"
-    return [*lines, need], (
+        return "required", "--token goes to the job as HF_TOKEN in the environment of sbatch, not in the script"
+    return "required", (
         "--token was left out of the script: export HF_TOKEN=... before sbatch (sbatch passes the environment "
         "on), or use --token-file PATH"
     )
