@@ -19,6 +19,7 @@ code here and ``torch.load(weights_only=True)`` still gives its own verdict afte
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import zipfile
@@ -30,7 +31,7 @@ from typing import BinaryIO
 import torch
 
 from ckptavg.errors import CkptavgError, InvalidCheckpointError, UnsafePickleError
-from ckptavg.sources.checkpoint import TensorEntry, TensorInfo
+from ckptavg.sources.checkpoint import TensorEntry, TensorInfo, open_regular
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
@@ -44,7 +45,7 @@ def load_torch_file(path: Path, *, allow_legacy: bool = False) -> tuple[object, 
     ``allow_legacy`` is set, and the offset function returns -1 (read from memory instead).
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             magic = f.read(4)
     except OSError as e:
         raise InvalidCheckpointError(path, f"cannot read ({e.strerror})") from e
@@ -59,8 +60,8 @@ def load_torch_file(path: Path, *, allow_legacy: bool = False) -> tuple[object, 
             )
         return _load(path, mmap=False), lambda t: -1
     try:
-        with open(path, "rb") as f:
-            check_archive(f, path.stat().st_size, str(path))
+        with open_regular(path) as f:
+            check_archive(f, os.fstat(f.fileno()).st_size, str(path))
     except OSError as e:
         raise InvalidCheckpointError(path, f"cannot read ({e.strerror})") from e
     obj = _load(path, mmap=True)
