@@ -32,6 +32,7 @@ import torch
 
 from ckptavg.errors import CkptavgError, InvalidCheckpointError, UnsafePickleError
 from ckptavg.sources.checkpoint import TensorEntry, TensorInfo, open_regular
+from ckptavg.sources.safetensors_file import check_name
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
@@ -424,7 +425,14 @@ def state_dict_entries(
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
     for raw, t in state_dict.items():
+        check_name(raw, str(path))  # as a safetensors header's: a message shows it, an output stores it
         name = raw[len(strip_prefix) :] if strip_prefix and raw.startswith(strip_prefix) else raw
+        if name in entries or name in aliases:
+            raise InvalidCheckpointError(
+                path,
+                f"tensor '{name}' appears both with and without the '{strip_prefix}' prefix; "
+                "which one is the model is ambiguous",
+            )
         if not t.is_contiguous():
             raise InvalidCheckpointError(path, f"tensor '{name}' is not stored contiguously; re-save the file")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
