@@ -214,15 +214,15 @@ def test_convert_may_not_replace_or_write_into_its_input(tmp_path: Path):
     [
         (
             lambda c: c["model_args"].update(n_embd=32),
-            "model_args: n_embd is 32, but transformer.wte.weight is [96, 16] (vocab_size 96 x n_embd)",
+            "model_args: vocab_size x n_embd is 96 x 32, but transformer.wte.weight is [96, 16]",
         ),
         (
             lambda c: c["model_args"].update(vocab_size=1 << 30),
-            "model_args: vocab_size is 1073741824, but transformer.wte.weight is [96, 16] (vocab_size 96 x n_embd)",
+            "model_args: vocab_size x n_embd is 1073741824 x 16, but transformer.wte.weight is [96, 16]",
         ),
         (
             lambda c: c["model_args"].update(block_size=1 << 30),
-            "model_args: block_size is 1073741824, but transformer.wpe.weight is [32, 16] (block_size 32 x n_embd)",
+            "model_args: block_size x n_embd is 1073741824 x 16, but transformer.wpe.weight is [32, 16]",
         ),
         (
             lambda c: c["model_args"].update(n_layer=3),
