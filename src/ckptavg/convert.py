@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ckptavg.errors import InvalidCheckpointError, OutputError
+from ckptavg.outputs import check_name, check_outputs, check_writable
 from ckptavg.sources import open_checkpoint
 from ckptavg.sources.checkpoint import read_state
 from ckptavg.sources.extras import extra_files
@@ -130,8 +131,11 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
     """Write a GPT-2 folder at ``out`` (built beside it under a temporary name, then renamed)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    if out.exists() and not overwrite:
+    check_name(out)
+    check_outputs([out], inputs=[src] + ([tokenizer] if tokenizer is not None else []))
+    if os.path.lexists(out) and not overwrite:  # a broken symlink too: it is a name we would replace
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    check_writable([out])
     state, args = load_nanogpt(src)
     tokenizer_files = {} if tokenizer is None else _tokenizer_files(tokenizer)
     config = GPT2Config(
@@ -156,15 +160,37 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
     if unexpected or [m for m in missing if not m.endswith(".attn.bias")]:
         raise InvalidCheckpointError(src, f"does not fit GPT-2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tmp = out.parent / f".{out.name}.ckptavg-convert-{os.getpid()}"
+    old = out.parent / f".{out.name}.ckptavg-convert-old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         model.to(state["transformer.wte.weight"].dtype).save_pretrained(tmp)  # type: ignore[arg-type]
         for name, f in tokenizer_files.items():
             shutil.copy2(f, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        # What --overwrite replaces (a folder, a file, a symlink: the link itself, never where it points)
+        # is moved aside first and removed only once the new folder has its name.
+        replaced = os.path.lexists(out)
+        if replaced:
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if replaced:
+                os.rename(old, out)
+            raise
+        if replaced:
+            _remove(old)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{out}: cannot write ({e.strerror or e}); nothing was written") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
