@@ -80,7 +80,7 @@ class _Cli(click.Group):
                 raise
             except CkptavgError as e:
                 if not os.environ.get("CKPTAVG_DEBUG"):
-                    message = _redact_all(redactor, str(e))
+                    message = one_line(_redact_all(redactor, str(e)))
                     if e.exit_code == click.UsageError.exit_code:  # e.g. OptionError: options that cannot go together
                         raise click.UsageError(message, ctx) from e
                     raise click.ClickException(message) from e
@@ -89,6 +89,13 @@ class _Cli(click.Group):
             except Exception as e:  # a bug: its traceback, as Python would print it, but redacted
                 _print_traceback(redactor, e)
             raise SystemExit(1)  # not click's Exit, which main(standalone_mode=False) would return, not exit with
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped as Python writes them (``\\n``, ``\\x1b``): a message
+    quotes file and tensor names from the input, and a name holding a line break or a terminal escape
+    must neither split the one line an error is nor drive the user's terminal."""
+    return "".join(repr(c)[1:-1] if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 else c for c in text)
 
 
 def _redact_all(redactor: Redactor, text: str) -> str:
@@ -1020,7 +1027,7 @@ def ls_(as_json: bool, **kw: Any) -> None:
             click.echo(json.dumps(row))
         else:
             size = "-" if row["bytes"] is None else f"{row['bytes'] / 1e6:.1f}MB"
-            click.echo(f"{row['step']}\t{row['format']}\t{size}\t{row.get('error') or row['path']}")
+            click.echo(f"{row['step']}\t{row['format']}\t{size}\t{one_line(row.get('error') or row['path'])}")
 
 
 def main() -> None:

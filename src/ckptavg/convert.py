@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ckptavg.errors import InvalidCheckpointError, OutputError
+from ckptavg.outputs import check_name, check_outputs, check_writable
 from ckptavg.sources import open_checkpoint
 from ckptavg.sources.checkpoint import read_state
 from ckptavg.sources.extras import extra_files
@@ -25,6 +27,7 @@ from ckptavg.sources.hf_folder import PROVENANCE_FILE
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+_BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
 _MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 
 
@@ -40,7 +43,10 @@ def load_nanogpt(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     else:
         ckpt = open_checkpoint(src)
         args, where = ckpt.meta.get("model_args"), src
-    return read_state(ckpt), _checked_args(args, where)
+    state = read_state(ckpt)
+    checked = _checked_args(args, where)
+    _check_fits(state, checked, src)
+    return state, checked
 
 
 def _checked_args(args: object, where: Path) -> dict[str, Any]:
@@ -59,6 +65,31 @@ def _checked_args(args: object, where: Path) -> dict[str, Any]:
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout <= 1:
         raise InvalidCheckpointError(where, f"model_args: 'dropout' is {dropout!r}, not a number in [0, 1]")
     return dict(args)
+
+
+def _check_fits(state: dict[str, torch.Tensor], args: dict[str, Any], where: Path) -> None:
+    """The weights are a nanoGPT GPT of the sizes ``args`` give: checked before the model is built from
+    those sizes, so a lying model_args (vocab_size 2**30) cannot make us allocate gigabytes, and what is
+    allocated is about the size of the weights already read."""
+    e = args["n_embd"]
+    for name, rows, arg in (("transformer.wte.weight", args["vocab_size"], "vocab_size"),
+                            ("transformer.wpe.weight", args["block_size"], "block_size")):  # fmt: skip
+        t = state.get(name)
+        if t is None:
+            raise InvalidCheckpointError(where, f"no tensor {name}; not a nanoGPT GPT")
+        if not t.is_floating_point():
+            dtype = str(t.dtype).removeprefix("torch.")
+            raise InvalidCheckpointError(where, f"{name} is {dtype}; a GPT-2 folder holds floating-point weights")
+        if tuple(t.shape) != (rows, e):
+            raise InvalidCheckpointError(
+                where, f"model_args: {arg} x n_embd is {rows} x {e}, but {name} is {list(t.shape)}"
+            )
+    blocks = sorted({int(m.group(1)) for n in state if (m := _BLOCK.match(n))})
+    if blocks != list(range(args["n_layer"])):
+        held = (
+            f"{len(blocks)} blocks (transformer.h.{blocks[0]} to transformer.h.{blocks[-1]})" if blocks else "no blocks"
+        )
+        raise InvalidCheckpointError(where, f"model_args: n_layer is {args['n_layer']}, but the weights hold {held}")
 
 
 def gpt2_state(state: dict[str, torch.Tensor], args: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -100,8 +131,11 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
     """Write a GPT-2 folder at ``out`` (built beside it under a temporary name, then renamed)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    if out.exists() and not overwrite:
+    check_name(out)
+    check_outputs([out], inputs=[src] + ([tokenizer] if tokenizer is not None else []))
+    if os.path.lexists(out) and not overwrite:  # a broken symlink too: it is a name we would replace
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    check_writable([out])
     state, args = load_nanogpt(src)
     tokenizer_files = {} if tokenizer is None else _tokenizer_files(tokenizer)
     config = GPT2Config(
@@ -118,19 +152,45 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
         tie_word_embeddings=True,
     )
     model = GPT2LMHeadModel(config)
-    missing, unexpected = model.load_state_dict(gpt2_state(state, args), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(gpt2_state(state, args), strict=False)
+    except RuntimeError as e:  # shapes that model_args do not give (a size mismatch)
+        detail = next((ln.strip() for ln in str(e).splitlines() if ln.startswith("\t")), str(e).splitlines()[0])
+        raise InvalidCheckpointError(src, f"does not fit GPT-2 ({detail})") from e
     if unexpected or [m for m in missing if not m.endswith(".attn.bias")]:
         raise InvalidCheckpointError(src, f"does not fit GPT-2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tmp = out.parent / f".{out.name}.ckptavg-convert-{os.getpid()}"
+    old = out.parent / f".{out.name}.ckptavg-convert-old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         model.to(state["transformer.wte.weight"].dtype).save_pretrained(tmp)  # type: ignore[arg-type]
         for name, f in tokenizer_files.items():
             shutil.copy2(f, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        # What --overwrite replaces (a folder, a file, a symlink: the link itself, never where it points)
+        # is moved aside first and removed only once the new folder has its name.
+        replaced = os.path.lexists(out)
+        if replaced:
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if replaced:
+                os.rename(old, out)
+            raise
+        if replaced:
+            _remove(old)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{out}: cannot write ({e.strerror or e}); nothing was written") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -10,10 +10,11 @@ the machine has.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import torch
 
@@ -138,6 +139,22 @@ class Checkpoint:
         if self.remote is not None:
             raise RuntimeError(f"{self.label}: opened before its files were downloaded")
         return EntryReader(files, self.entries, self.label)
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file (symlinks followed). Anything else raises
+    ``InvalidCheckpointError`` before a read: a named pipe blocks until a writer comes, a device such as
+    /dev/zero never ends, and neither is a checkpoint. Opened without blocking, then checked by ``fstat``,
+    so what is checked is what is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidCheckpointError(path, "not a regular file (a pipe, device or socket); not a checkpoint")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_slice(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckptavg.errors import InvalidCheckpointError
-from ckptavg.sources.checkpoint import Checkpoint, TensorEntry
+from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, open_regular
 from ckptavg.sources.extras import extra_files
 from ckptavg.sources.index import MAX_INDEX_BYTES, shard_files
 from ckptavg.sources.safetensors_file import read_safetensors_index
@@ -36,7 +36,7 @@ def find_weights(folder: Path) -> tuple[str, list[Path]] | None:
 
 def _shards_from_index(index: Path) -> list[Path]:
     try:
-        with open(index, "rb") as f:
+        with open_regular(index) as f:
             raw = f.read(MAX_INDEX_BYTES + 1)
     except OSError as e:
         raise InvalidCheckpointError(index, f"cannot read ({e.strerror})") from e

@@ -64,13 +64,17 @@ def open_checkpoint(path: Path, step: int = 0, *, allow_legacy: bool = False) ->
         return open_hf_checkpoint(path, step, allow_legacy=allow_legacy)
     if path.is_file():
         return open_nanogpt_checkpoint(path, allow_legacy=allow_legacy)
+    if path.exists():
+        raise InvalidCheckpointError(path, "neither a regular file nor a folder (a pipe, device or socket?)")
     raise InvalidCheckpointError(path, "no such file or folder")
 
 
 def open_run(source: str, *, allow_legacy: bool = False) -> LocalRun:
     """Find the checkpoints of a run from a folder or a glob of nanoGPT files."""
     if glob.has_magic(source):
-        files = sorted(Path(p) for p in glob.glob(source) if p.endswith(_TORCH_SUFFIXES))
+        # Regular files only, as in a folder: a named pipe would block the open forever, and a folder
+        # (an output made as --out runs/soup.pt) is no checkpoint.
+        files = sorted(Path(p) for p in glob.glob(source) if p.endswith(_TORCH_SUFFIXES) and os.path.isfile(p))
         if not files:
             raise InvalidRunError(source, "the pattern matches no .pt files")
         return _nanogpt_run(source, _glob_root(source), files, allow_legacy)

@@ -10,6 +10,7 @@ any output is written.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -17,7 +18,7 @@ from typing import BinaryIO
 import torch
 
 from ckptavg.errors import InvalidCheckpointError
-from ckptavg.sources.checkpoint import TensorEntry, TensorInfo
+from ckptavg.sources.checkpoint import TensorEntry, TensorInfo, open_regular
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -69,8 +70,8 @@ class _DuplicateKey(Exception):
 def read_safetensors_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Tensor entries in storage order, and the ``__metadata__`` strings."""
     try:
-        with open(path, "rb") as f:
-            return read_safetensors_header(f, path.stat().st_size, path)
+        with open_regular(path) as f:
+            return read_safetensors_header(f, os.fstat(f.fileno()).st_size, path)
     except OSError as e:
         raise InvalidCheckpointError(path, f"cannot read ({e.strerror})") from e
 

@@ -19,6 +19,7 @@ code here and ``torch.load(weights_only=True)`` still gives its own verdict afte
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import zipfile
@@ -30,7 +31,8 @@ from typing import BinaryIO
 import torch
 
 from ckptavg.errors import CkptavgError, InvalidCheckpointError, UnsafePickleError
-from ckptavg.sources.checkpoint import TensorEntry, TensorInfo
+from ckptavg.sources.checkpoint import TensorEntry, TensorInfo, open_regular
+from ckptavg.sources.safetensors_file import check_name
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
@@ -44,7 +46,7 @@ def load_torch_file(path: Path, *, allow_legacy: bool = False) -> tuple[object, 
     ``allow_legacy`` is set, and the offset function returns -1 (read from memory instead).
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             magic = f.read(4)
     except OSError as e:
         raise InvalidCheckpointError(path, f"cannot read ({e.strerror})") from e
@@ -59,8 +61,8 @@ def load_torch_file(path: Path, *, allow_legacy: bool = False) -> tuple[object, 
             )
         return _load(path, mmap=False), lambda t: -1
     try:
-        with open(path, "rb") as f:
-            check_archive(f, path.stat().st_size, str(path))
+        with open_regular(path) as f:
+            check_archive(f, os.fstat(f.fileno()).st_size, str(path))
     except OSError as e:
         raise InvalidCheckpointError(path, f"cannot read ({e.strerror})") from e
     obj = _load(path, mmap=True)
@@ -423,7 +425,14 @@ def state_dict_entries(
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
     for raw, t in state_dict.items():
+        check_name(raw, str(path))  # as a safetensors header's: a message shows it, an output stores it
         name = raw[len(strip_prefix) :] if strip_prefix and raw.startswith(strip_prefix) else raw
+        if name in entries or name in aliases:
+            raise InvalidCheckpointError(
+                path,
+                f"tensor '{name}' appears both with and without the '{strip_prefix}' prefix; "
+                "which one is the model is ambiguous",
+            )
         if not t.is_contiguous():
             raise InvalidCheckpointError(path, f"tensor '{name}' is not stored contiguously; re-save the file")
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
