@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner, Result
 from factories import write_nanogpt_ckpt, write_pythia_run, write_pythia_step
 from hub_server import HubServer
+from safetensors.torch import load_file
 
 from ckptavg.cli import cli
 from ckptavg.sources.extras import EXTRA_FILES
@@ -229,3 +230,22 @@ def test_convert_copies_only_tokenizer_files_and_never_through_a_link_out(tmp_pa
     line = error_line(invoke("convert", src, "--out", tmp_path / "again", "--tokenizer", tok))
     assert line.startswith(f"{tok / 'vocab.json'}: a symlink to {tmp_path / 'secret'}, outside the checkpoint folder")
     assert not (tmp_path / "again").exists()
+
+
+# ---------------------------------------------------------------- paths of any bytes
+
+
+def test_a_run_folder_whose_name_is_not_utf8_is_averaged(tmp_path: Path):
+    """torch's file reader takes UTF-8 names only; such a path is read through its descriptor."""
+    plain, odd = tmp_path / "run", tmp_path / os.fsdecode(b"run-\xff\xfe")
+    write_pythia_run(plain, STEPS, tokenizer=False)
+    odd.mkdir()
+    for s in STEPS:
+        (odd / f"step{s}").symlink_to(plain / f"step{s}")  # the same bytes, under a name that is not UTF-8
+
+    assert lawa(plain, tmp_path / "a").exit_code == 0
+    r = lawa(odd, tmp_path / "b")
+
+    assert r.exit_code == 0, r.stderr
+    a, b = (load_file(tmp_path / x / "step3000" / "model.safetensors") for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

@@ -388,6 +388,14 @@ def dead_pid() -> int:
     return p.pid
 
 
+def _tensors_done(record: Path) -> int:
+    """A progress record's count, or -1 when caught between its creation and its first write."""
+    try:
+        return int(json.loads(record.read_bytes())["tensors_done"])
+    except ValueError:
+        return -1
+
+
 def test_a_killed_run_resumes_after_its_finished_units_without_downloading_them_again(hub: HubServer, tmp_path: Path):
     index = json.loads((hub.root / SHARDED / "step4000" / "pytorch_model.bin.index.json").read_text())
     first = [n for n, f in index["weight_map"].items() if f == "pytorch_model-00001-of-00003.bin"]
@@ -399,7 +407,7 @@ def test_a_killed_run_resumes_after_its_finished_units_without_downloading_them_
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
-            done = [json.loads(p.read_bytes())["tensors_done"] for p in out.glob(".step*/progress.json")]
+            done = [_tensors_done(p) for p in out.glob(".step*/progress.json")]
             if len(done) == 3 and min(done) >= len(first):
                 break
             time.sleep(0.01)

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 from ckptavg.cli import cli
 from ckptavg.errors import OptionError
-from ckptavg.slurm import check_memory, check_name, check_time, job_script, one_line, shell_quote
+from ckptavg.progress import one_line
+from ckptavg.slurm import check_memory, check_name, check_time, job_script, shell_quote
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-run"
 MARK = "PWNED"  # what every hostile name tries to create; no file of this name may ever appear

@@ -24,7 +24,7 @@ import click
 from ckptavg import __version__
 from ckptavg.errors import CkptavgError, InvalidArgumentError
 from ckptavg.sizes import SIZE
-from ckptavg.slurm import MAX_CPUS, SLURM_MEMORY, SLURM_NAME, SLURM_TIME, TokenSource, job_script, one_line, shell_quote
+from ckptavg.slurm import MAX_CPUS, SLURM_MEMORY, SLURM_NAME, SLURM_TIME, TokenSource, job_script, shell_quote
 from ckptavg.steps import STEP_RANGE, STEP_RANGE_FLOAT
 from ckptavg.tokens import ENV, Redactor, resolve_token
 
@@ -80,6 +80,8 @@ class _Cli(click.Group):
                 raise
             except CkptavgError as e:
                 if not os.environ.get("CKPTAVG_DEBUG"):
+                    from ckptavg.progress import one_line
+
                     message = one_line(_redact_all(redactor, str(e)))
                     if e.exit_code == click.UsageError.exit_code:  # e.g. OptionError: options that cannot go together
                         raise click.UsageError(message, ctx) from e
@@ -89,13 +91,6 @@ class _Cli(click.Group):
             except Exception as e:  # a bug: its traceback, as Python would print it, but redacted
                 _print_traceback(redactor, e)
             raise SystemExit(1)  # not click's Exit, which main(standalone_mode=False) would return, not exit with
-
-
-def one_line(text: str) -> str:
-    """``text`` with its control characters escaped as Python writes them (``\\n``, ``\\x1b``): a message
-    quotes file and tensor names from the input, and a name holding a line break or a terminal escape
-    must neither split the one line an error is nor drive the user's terminal."""
-    return "".join(repr(c)[1:-1] if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 else c for c in text)
 
 
 def _redact_all(redactor: Redactor, text: str) -> str:
@@ -738,6 +733,8 @@ def slurm(
     except FileNotFoundError as e:
         raise click.ClickException("sbatch not found: is this a SLURM login node?") from e
     if done.returncode != 0:
+        from ckptavg.progress import one_line
+
         why = one_line("; ".join(done.stderr.decode(errors="replace").split("\n")).strip("; "))
         raise click.ClickException(f"sbatch refused the job: {why}")
     click.echo(done.stdout.decode(errors="replace").strip().split(";")[0])
@@ -1021,6 +1018,7 @@ def ls_(as_json: bool, **kw: Any) -> None:
     ckptavg ls --repo EleutherAI/pythia-70m-deduped
     """
     from ckptavg import api
+    from ckptavg.progress import one_line
 
     for row in api.list_checkpoints(_source(kw), allow_legacy=kw["allow_legacy_pickle"]):
         if as_json:

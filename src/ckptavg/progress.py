@@ -22,6 +22,14 @@ from rich.progress import (
 )
 
 
+def one_line(text: str) -> str:
+    """``text`` with every character that is not printable escaped as Python writes it (``\\n``, ``\\x1b``,
+    ``\\u2028``, ``\\u202e``): messages and script comments quote file and tensor names from the input, and
+    a name holding a line break, a terminal escape or a bidi control must neither split the one line it is
+    printed on nor drive the user's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Reporter:
     def __init__(self, stream: TextIO | None = None, *, quiet: bool = False, force_terminal: bool | None = None):
         self.console = Console(file=stream or sys.stderr, force_terminal=force_terminal)

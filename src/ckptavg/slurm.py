@@ -74,11 +74,6 @@ def check_cpus(value: int, option: str = "--cpus") -> int:
     return value
 
 
-def one_line(text: str) -> str:
-    """``text`` for a comment line: every character that is not printable (newlines too) shown escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def shell_quote(word: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
     """``word`` as one bash word on one line, whatever bytes it holds (a str from the OS may carry surrogates).
 
@@ -158,6 +153,8 @@ def job_script(
         check_name(partition, "--partition")
     if not command:
         raise ValueError("no command to run")
+    from ckptavg.progress import one_line
+
     chdir = _sbatch_path(os.fsdecode(workdir))
     header = [
         "#!/bin/bash",

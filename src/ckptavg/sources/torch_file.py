@@ -83,9 +83,24 @@ def read_torch_structure(f: BinaryIO, where: str) -> object:
         return _load(f, mmap=False, where=where)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _load(path: Path | BinaryIO, *, mmap: bool, where: str | None = None) -> object:
     where = where or str(path)
     try:
+        if isinstance(path, Path) and not _utf8(str(path)):
+            # torch's file reader takes a UTF-8 name; a path of other bytes is opened through its descriptor.
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return torch.load(f"/proc/self/fd/{fd}", map_location="cpu", mmap=mmap, weights_only=True)
+            finally:
+                os.close(fd)
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except CkptavgError:
         raise
