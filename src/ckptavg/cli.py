@@ -784,10 +784,75 @@ def _job_token(kw: dict[str, Any], submit: bool) -> tuple[TokenSource | None, st
     )
 
 
+def _given(name: str) -> bool:
+    """Whether the user gave this parameter of the running command (not its default)."""
+    ctx = click.get_current_context(silent=True)
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+
+
+def _shown(option: str, name: str, value: object) -> str:
+    """``--seq-len 128``, or ``--seq-len 64 (the default)`` where the user did not give it."""
+    return f"{option} {value}" + ("" if _given(name) else " (the default)")
+
+
 def _eval_slice(data: Path, max_tokens: int, seq_len: int) -> Any:
+    """The data slice of eval and interpolate; options that cannot make one are refused naming them."""
+    from ckptavg.errors import OptionError
     from ckptavg.evaluate import make_slice
 
+    if max_tokens < seq_len:
+        if _given("seq_len"):
+            raise OptionError(
+                f"--seq-len {seq_len}",
+                f"longer than the {_shown('--max-tokens', 'max_tokens', max_tokens)} scored; give a larger "
+                f"--max-tokens or a smaller --seq-len",
+            )
+        raise OptionError(
+            f"--max-tokens {max_tokens}",
+            f"shorter than one sequence of {_shown('--seq-len', 'seq_len', seq_len)}; give at least {seq_len}",
+        )
     return make_slice(data, max_tokens, seq_len)
+
+
+def check_plot_target(out: Path, option: str = "--plot") -> None:
+    """For commands that draw an image after evaluating (interpolate --plot): refuse, before any model is
+    evaluated, an image matplotlib cannot write there, or a missing matplotlib."""
+    from ckptavg.plot import check_target
+
+    check_target(out, option)
+
+
+class DeviceType(click.ParamType):
+    """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:1``, ``mps``; checked before any work."""
+
+    name = "DEVICE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        import torch
+
+        try:
+            device = torch.device(str(value))
+        except (RuntimeError, ValueError):
+            self.fail(f"{value!r} is not a torch device (cpu, cuda, cuda:1, mps)", param, ctx)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                self.fail(f"{value!r}: no CUDA device here (torch.cuda.is_available() is False)", param, ctx)
+            if device.index is not None and device.index >= count:
+                self.fail(f"{value!r}: this machine has {count} CUDA device(s), numbered from 0", param, ctx)
+        elif device.type == "mps" and not torch.backends.mps.is_available():
+            self.fail(f"{value!r}: no MPS device here", param, ctx)
+        elif device.type not in ("cpu", "cuda", "mps"):
+            self.fail(f"{value!r}: ckptavg evaluates on cpu, cuda or mps", param, ctx)
+        return str(value)
+
+
+# Upper bounds that no evaluation reaches, so that a typo fails here, not deep in torch: how much is read
+# is bounded by the data (--max-tokens) and each model's context (--seq-len), and a batch by the slice.
+MAX_EVAL_TOKENS = 10**12
+MAX_SEQ_LEN = 10**7
+MAX_BATCH = 10**6
 
 
 def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -797,23 +862,30 @@ def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 "--data",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path),
                 required=True,
-                help="Held-out text (tokenized by each model's tokenizer) or nanoGPT val.bin (uint16 ids).",
+                help="Held-out text (UTF-8, tokenized by each model's tokenizer) or nanoGPT val.bin (uint16 ids).",
             ),
             click.option(
                 "--max-tokens",
-                type=click.IntRange(min=2),
+                type=click.IntRange(min=2, max=MAX_EVAL_TOKENS),
                 default=32768,
                 show_default=True,
                 help="Score the first this many tokens of --data.",
             ),
-            click.option("--seq-len", type=click.IntRange(min=2), default=64, show_default=True),
-            click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
-            click.option("--device", default="cpu", show_default=True),
+            click.option(
+                "--seq-len",
+                type=click.IntRange(min=2, max=MAX_SEQ_LEN),
+                default=64,
+                show_default=True,
+                help="Tokens per sequence; at most each model's context (n_positions, max_position_embeddings).",
+            ),
+            click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH), default=8, show_default=True),
+            click.option("--device", type=DeviceType(), default="cpu", show_default=True),
             click.option(
                 "--results",
                 type=click.Path(dir_okay=False, path_type=Path),
                 default=None,
-                help="JSON results file (a CSV is written beside it); models already in it are skipped.",
+                help="JSON results file (a CSV is written beside it); models already in it are skipped. "
+                "Several runs may share one (a job array): rows are merged under a lock.",
             ),
         ]
     ):
@@ -824,7 +896,8 @@ def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _print_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         step = "-" if r.get("step") is None else r["step"]
-        click.echo(f"{r['method']}\t{step}\t{r['loss']:.4f}\t{r['ppl']:.3f}\t{r['model']}")
+        ppl = "inf" if r.get("ppl") is None else f"{r['ppl']:.3f}"
+        click.echo(f"{r['method']}\t{step}\t{r['loss']:.4f}\t{ppl}\t{r['model']}")
 
 
 @cli.command(name="eval")
@@ -858,22 +931,34 @@ def eval_(
     from ckptavg import evaluate
     from ckptavg.progress import Reporter
 
+    if steps is not None and run is None:
+        raise click.UsageError("--steps needs --run RUN (the run whose checkpoints it names)")
+    if run is not None and steps is None:
+        raise click.UsageError("--run needs --steps START:END[:EVERY]")
+    if disagreement and results is not None:
+        raise click.UsageError("--disagreement prints one number and writes no --results; leave one out")
     sl = _eval_slice(data, max_tokens, seq_len)
     folders = list(models)
     if run is not None:
         from ckptavg.errors import StepNotFoundError
         from ckptavg.sources import open_run
 
-        if steps is None:
-            raise click.UsageError("--run needs --steps START:END[:EVERY]")
         r = open_run(run)
-        if steps.every:
-            wanted = list(range(steps.start, steps.end + 1, steps.every))
-        else:
-            wanted = [s for s in r.steps() if steps.start <= s <= steps.end]
+        wanted = evaluate.run_steps(r.steps(), steps, r.label)
         if set(wanted) - set(r.paths):
             raise StepNotFoundError(set(wanted) - set(r.paths), r.paths, r.label)
         folders += [r.paths[s] for s in wanted]
+    if not disagreement:  # a folder named twice (a glob and --run) is evaluated once
+        unique: dict[Path, Path] = {}
+        for folder in folders:
+            unique.setdefault(folder.resolve(), folder)
+        folders = list(unique.values())
+    log = Reporter()
+    option = _shown("--seq-len", "seq_len", seq_len)
+    notes = [evaluate.context_check(folder, seq_len, option) for folder in folders]  # all, before any work
+    for note in notes:
+        if note is not None:
+            log.log(f"warning: {note}")
     if disagreement:
         if len(folders) != 2:
             raise click.UsageError("--disagreement compares exactly two models")
@@ -882,8 +967,7 @@ def eval_(
         return
     if not folders:
         raise click.UsageError("give model folders, or --run with --steps")
-    table = evaluate.Results(results, sl)
-    log = Reporter()
+    table = evaluate.Results(results, sl, warn=lambda m: log.log(f"warning: {m}"))
     for folder in folders:
         if table.has(folder):
             log.log(f"{folder}: already in {results}; skipped")
@@ -976,7 +1060,7 @@ def plot_(results: Path, output: Path, title: str | None) -> None:
     """
     from ckptavg.plot import plot
 
-    reached = plot(results, output, title)
+    reached = plot(results, output, title, option="-o")
     click.echo(str(output))
     for method, step in reached.items():
         click.echo(f"{method}\t{'-' if step is None else step}")

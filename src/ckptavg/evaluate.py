@@ -8,44 +8,158 @@ evaluations of a long trajectory can resume and never mix two slices.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
-import os
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from ckptavg.errors import DataFileError, InvalidArgumentError, ModelFolderError, ResultsFileError
+from ckptavg.errors import DataFileError, InvalidArgumentError, ModelFolderError
+from ckptavg.results import Results, Slice, check_row, read_results
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
+from ckptavg.steps import StepRange
+
+__all__ = ["Results", "Slice", "check_row", "read_results"]  # the results file lives in ckptavg.results
 
 _STEP = re.compile(r"(?:step|checkpoint-)(\d+)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_CHUNK = 1 << 20
+# Where a config states how many positions a model was trained on; the first one present counts.
+_CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len", "seq_length")
+# A config with any of these has rotary (or ALiBi) positions: computed for any position, so transformers
+# scores sequences past the trained context without complaint. Without them, positions are a learned
+# table of that many rows, and a longer sequence fails inside the model (GPT-2: IndexError).
+_OPEN_ENDED_KEYS = (
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "rotary_pct",
+    "rotary_dim",
+    "partial_rotary_factor",
+    "rotary_emb_base",
+    "alibi",
+)
 
 
-@dataclass(frozen=True)
-class Slice:
-    """What makes two losses comparable: the data file's bytes and how much of it is scored."""
+def asdict(sl: Slice) -> dict[str, Any]:
+    from dataclasses import asdict as fields
 
-    data: str
-    sha256: str
-    max_tokens: int
-    seq_len: int
+    return fields(sl)
 
 
 def make_slice(data: Path, max_tokens: int, seq_len: int) -> Slice:
+    """The slice of ``data`` every model is scored on; ``data`` is read once here and checked.
+
+    Text must be UTF-8: a byte that is not is refused with its offset, not decoded as U+FFFD, since the
+    loss on a replacement character says nothing about the held-out text. A NUL byte marks a binary
+    file (token ids are read only from ``*.bin``).
+    """
     if seq_len < 2:
         raise InvalidArgumentError(f"--seq-len must be at least 2, got {seq_len}")
     if max_tokens < seq_len:
         raise InvalidArgumentError(f"--max-tokens ({max_tokens}) is shorter than one sequence ({seq_len})")
+    digest = hashlib.sha256()
+    size = 0
+    text = data.suffix != ".bin"
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        digest = hashlib.sha256(data.read_bytes()).hexdigest()
+        with open(data, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+                if text:
+                    _check_text(data, chunk, size, decoder)
+                size += len(chunk)
+        if text:
+            _check_text(data, b"", size, decoder, final=True)
     except OSError as e:
         raise DataFileError(data, f"cannot read ({e.strerror})") from e
-    return Slice(str(data), digest, max_tokens, seq_len)
+    if size == 0:
+        raise DataFileError(data, "is empty: no tokens to score")
+    if not text and size % 2:
+        raise DataFileError(data, f"{size} bytes, not a whole number of uint16 token ids (2 bytes each, as val.bin)")
+    return Slice(str(data), digest.hexdigest(), max_tokens, seq_len)
+
+
+def _check_text(data: Path, chunk: bytes, offset: int, decoder: Any, final: bool = False) -> None:
+    """Decode ``chunk`` (the bytes at ``offset``) as the next part of UTF-8 text, or say where it is not."""
+    nul = chunk.find(b"\0")
+    pending = decoder.getstate()[0]  # an unfinished character from the chunk before: the error counts it
+    try:
+        decoder.decode(chunk if nul < 0 else chunk[:nul], final or nul >= 0)
+    except UnicodeDecodeError as e:
+        where = offset - len(pending) + e.start
+        raise DataFileError(
+            data, f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {where} ({e.reason}); save it as UTF-8"
+        ) from e
+    if nul >= 0:
+        raise DataFileError(
+            data, f"holds a NUL byte at offset {offset + nul}: binary, not text (token ids must be in a *.bin file)"
+        )
+
+
+def context_check(folder: Path, seq_len: int, option: str = "") -> str | None:
+    """Refuse a --seq-len longer than a model with learned positions has; return a warning for one with
+    rotary or ALiBi positions (scored, but past what it was trained on); None when it fits."""
+    option = option or f"--seq-len {seq_len}"
+    found = _context(folder)
+    if found is None:
+        return None
+    limit, key, open_ended = found
+    if seq_len <= limit:
+        return None
+    if not open_ended:
+        raise InvalidArgumentError(
+            f"{option} is longer than the {limit} positions {folder} has ({key}); give --seq-len {limit} or less"
+        )
+    return (
+        f"{folder}: {option} is longer than the {limit} positions it was trained on ({key}); its positions "
+        f"are computed (rotary or ALiBi), so it is scored, but past position {limit} the loss measures extrapolation"
+    )
+
+
+def _context(folder: Path) -> tuple[int, str, bool] | None:
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            cfg = json.loads(config.read_bytes())
+        except (OSError, ValueError) as e:
+            raise ModelFolderError(folder, f"config.json is not readable JSON ({e})") from e
+        if not isinstance(cfg, dict):
+            raise ModelFolderError(folder, "config.json is not a JSON object")
+        cfgs = [cfg, *(v for v in cfg.values() if isinstance(v, dict))]  # also a text_config inside
+        for c in cfgs:
+            for key in _CONTEXT_KEYS:
+                v = c.get(key)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    open_ended = any(c.get(k) not in (None, False) for k in _OPEN_ENDED_KEYS)
+                    return v, key, open_ended
+        return None
+    if _has_model_args(folder):  # nanoGPT: learned positions, block_size of them
+        args = json.loads((folder / PROVENANCE_FILE).read_text())["model_args"]
+        if isinstance(args, dict) and isinstance(args.get("block_size"), int):
+            return int(args["block_size"]), "block_size", False
+    return None
+
+
+def run_steps(have: list[int], span: StepRange, source: str) -> list[int]:
+    """The run's checkpoints that ``--steps`` names. With EVERY, every step of the progression must be a
+    checkpoint; a progression longer than the run is refused from arithmetic, before it is listed."""
+    have = sorted(set(have))
+    if not span.every:
+        return [s for s in have if span.start <= s <= span.end]
+    count = (span.end - span.start) // span.every + 1
+    if count > len(have):
+        what = f"{source} has {len(have)} checkpoint{'s' * (len(have) != 1)}"
+        if have:
+            what += f" (steps {have[0]}..{have[-1]})"
+        raise InvalidArgumentError(
+            f"--steps {span} names {count} steps, but {what}; narrow START:END or give a larger EVERY"
+        )
+    return [span.start + i * span.every for i in range(count)]
 
 
 def describe_model(folder: Path) -> dict[str, Any]:
@@ -71,9 +185,15 @@ def tokens_for(folder: Path, sl: Slice, vocab_size: int) -> torch.Tensor:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise ModelFolderError(folder, f"no tokenizer to read {data} with ({e.__class__.__name__})") from e
-        ids = torch.tensor(tokenizer(data.read_text(), add_special_tokens=False)["input_ids"][: sl.max_tokens])
+        except MemoryError:
+            raise
+        except Exception as e:  # the boundary: whatever a broken tokenizer file makes transformers raise
+            raise ModelFolderError(folder, f"no tokenizer to read {data} with ({_first_line(e)})") from e
+        try:
+            text = data.read_bytes().decode("utf-8")  # make_slice checked it; the file may have changed since
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataFileError(data, f"cannot read it as UTF-8 text ({e})") from e
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: sl.max_tokens], dtype=torch.long)
     n_seq = ids.numel() // sl.seq_len
     if n_seq == 0:
         raise DataFileError(data, f"{ids.numel()} tokens, fewer than one sequence of {sl.seq_len}")
@@ -83,24 +203,65 @@ def tokens_for(folder: Path, sl: Slice, vocab_size: int) -> torch.Tensor:
 
 
 def load_model(folder: Path, device: str) -> Any:
-    """A transformers model; a folder averaged from nanoGPT is converted to GPT-2 on the way."""
+    """A transformers model; a folder averaged from nanoGPT is converted to GPT-2 on the way.
+
+    A folder whose weights do not fit its config is refused: transformers would otherwise fill tensors
+    missing from the files with random values (and only log it), and fails on shapes with a report.
+    """
     import tempfile
 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stderr carries our log lines, not a bar per model
+    verbosity = hf_logging.get_verbosity()
     with tempfile.TemporaryDirectory(prefix="ckptavg-eval-") as tmp:
         source = folder
         if not (folder / "config.json").exists() and _has_model_args(folder):
             from ckptavg.convert import convert
 
             source = convert(folder, Path(tmp) / "gpt2")
+        hf_logging.set_verbosity_error()  # its load report: what matters in it becomes our one line
+        model: Any
+        info: dict[str, Any]
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise ModelFolderError(folder, f"not a transformers model folder ({e})") from e
-    return model.to(device).eval()  # type: ignore[arg-type]
+            model, info = cast(
+                tuple[Any, dict[str, Any]],
+                AutoModelForCausalLM.from_pretrained(
+                    source, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+                ),
+            )
+        except MemoryError:
+            raise
+        except Exception as e:  # the boundary: OSError, ValueError, a corrupt file's error, ...
+            raise ModelFolderError(folder, f"not a transformers model folder ({_first_line(e)})") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, have, want = mismatched[0]
+        more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
+        raise ModelFolderError(
+            folder,
+            f"weights do not fit config.json: {name} is {list(have)} in the weights, {list(want)} by the config{more}",
+        )
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelFolderError(
+            folder, f"weights lack tensors that config.json asks for: {', '.join(missing[:3])}{more}"
+        )
+    try:
+        return model.to(device).eval()
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise InvalidArgumentError(f"--device {device}: cannot hold {folder} ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    first = first if len(first) <= 200 else first[:197] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _has_model_args(folder: Path) -> bool:
@@ -121,78 +282,44 @@ def predictions(model: Any, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def evaluate(folder: Path, sl: Slice, *, batch_size: int = 8, device: str = "cpu") -> dict[str, Any]:
     """Mean token loss and perplexity of one model on the slice."""
+    context_check(folder, sl.seq_len)
     model = load_model(folder, device)
     tokens = tokens_for(folder, sl, model.config.vocab_size)
     total, count = 0.0, 0
     for i in range(0, tokens.shape[0], batch_size):
-        loss, _ = predictions(model, tokens[i : i + batch_size].to(device))
+        loss, _ = _scored(folder, model, tokens[i : i + batch_size].to(device), batch_size)
         total += float(loss.sum())
         count += loss.numel()
     mean = total / count
-    return {"model": str(folder), **describe_model(folder), "loss": mean, "ppl": math.exp(mean), "tokens": count}
+    if not math.isfinite(mean):
+        raise ModelFolderError(folder, f"its loss on {sl.data} is {mean}: the weights hold NaN or Inf, or overflow")
+    ppl = math.exp(mean) if mean < 700 else None  # beyond float range: null in JSON, inf in the CSV
+    return {"model": str(folder), **describe_model(folder), "loss": mean, "ppl": ppl, "tokens": count}
+
+
+def _scored(folder: Path, model: Any, batch: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """predictions(), with what the model raises on this batch said in one line naming the folder."""
+    try:
+        return predictions(model, batch)
+    except torch.OutOfMemoryError as e:
+        raise InvalidArgumentError(
+            f"{folder}: out of memory scoring --batch-size {batch_size} sequences of {batch.shape[1]} tokens; "
+            f"give a smaller --batch-size"
+        ) from e
+    except (IndexError, RuntimeError, ValueError) as e:
+        raise ModelFolderError(folder, f"failed on sequences of {batch.shape[1]} tokens ({_first_line(e)})") from e
 
 
 def disagreement(a: Path, b: Path, sl: Slice, *, batch_size: int = 8, device: str = "cpu") -> float:
     """Share of next-token predictions (argmax) on which two models differ (the paper's Section 2.2)."""
+    context_check(a, sl.seq_len)
+    context_check(b, sl.seq_len)
     ma, mb = load_model(a, device), load_model(b, device)
     tokens = tokens_for(a, sl, min(ma.config.vocab_size, mb.config.vocab_size))
     differ, count = 0, 0
     for i in range(0, tokens.shape[0], batch_size):
         batch = tokens[i : i + batch_size].to(device)
-        pa, pb = predictions(ma, batch)[1], predictions(mb, batch)[1]
+        pa, pb = _scored(a, ma, batch, batch_size)[1], _scored(b, mb, batch, batch_size)[1]
         differ += int((pa != pb).sum())
         count += pa.numel()
     return differ / count
-
-
-class Results:
-    """A results file: the slice it was made on and one row per model, keyed by the model's folder."""
-
-    def __init__(self, path: Path | None, sl: Slice) -> None:
-        self.path = path
-        self.slice = sl
-        self.rows: dict[str, dict[str, Any]] = {}
-        if path is not None and path.exists():
-            try:
-                saved = json.loads(path.read_text())
-                old = Slice(**saved["slice"])
-                rows = saved["rows"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ResultsFileError(path, f"not a ckptavg results file ({e!r})") from e
-            if old != sl:
-                diff = ", ".join(
-                    f"{k} {getattr(old, k)!r} there, {getattr(sl, k)!r} here"
-                    for k in asdict(sl)
-                    if getattr(old, k) != getattr(sl, k)
-                )
-                raise ResultsFileError(path, f"holds losses on another data slice ({diff}); use another --results")
-            self.rows = {r["model"]: r for r in rows}
-
-    def key(self, folder: Path) -> str:
-        return str(folder.resolve())
-
-    def has(self, folder: Path) -> bool:
-        return self.key(folder) in self.rows
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows[self.key(Path(row["model"]))] = {**row, "model": self.key(Path(row["model"]))}
-        self.save()
-
-    def sorted_rows(self) -> list[dict[str, Any]]:
-        return sorted(self.rows.values(), key=lambda r: (r["method"] != "original", r["method"], r["step"] or 0))
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"slice": asdict(self.slice), "rows": self.sorted_rows()}, indent=2) + "\n")
-        os.replace(tmp, self.path)
-        csv = self.path.with_suffix(".csv")
-        lines = ["method,step,loss,ppl,tokens,model"] + [
-            f"{r['method']},{r['step'] if r['step'] is not None else ''},{r['loss']:.6f},{r['ppl']:.4f},"
-            f"{r['tokens']},{r['model']}"
-            for r in self.sorted_rows()
-        ]
-        tmp_csv = csv.with_name(f".{csv.name}.tmp-{os.getpid()}")
-        tmp_csv.write_text("\n".join(lines) + "\n")
-        os.replace(tmp_csv, csv)

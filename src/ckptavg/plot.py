@@ -6,24 +6,54 @@ run has at its last evaluated step. matplotlib is an optional extra (``pip insta
 
 from __future__ import annotations
 
-import json
+import contextlib
+import errno
+import math
+import os
 from pathlib import Path
 from typing import Any
 
-from ckptavg.errors import MissingExtraError, ResultsFileError
+from ckptavg.errors import MissingExtraError, OutputError, ResultsFileError
+from ckptavg.results import PLOT_KEYS, read_results
 
 STYLE = {"original": ("black", "o"), "lawa": ("tab:red", "s"), "ema": ("tab:blue", "^"), "swa": ("tab:green", "v")}
 
 
+# What matplotlib writes without anything more than its own dependencies (pgf needs LaTeX).
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
+
+
 def load_rows(results: Path) -> list[dict[str, Any]]:
-    try:
-        rows = json.loads(results.read_text())["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ResultsFileError(results, f"not a ckptavg results file ({e!r})") from e
-    rows = [r for r in rows if r.get("step") is not None]
+    """The rows with a training step; every row must be what eval writes (method, step, finite loss)."""
+    _, rows = read_results(results, PLOT_KEYS)
+    rows = [r for r in rows if r["step"] is not None]
     if not rows:
-        raise ResultsFileError(results, "no rows with a training step to plot")
+        raise ResultsFileError(results, "no rows with a training step to plot (interpolate's rows have none)")
     return rows
+
+
+def check_target(out: Path, option: str) -> None:
+    """Before any work: the image ``option`` names has a suffix matplotlib writes, and a folder we may
+    write in; and matplotlib is installed. OutputError (or MissingExtraError) naming the option."""
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        what = f"a {out.suffix} file" if out.suffix else "a name without an image suffix"
+        raise OutputError(f"{option} {out}: {what} is not an image format matplotlib writes; use .png, .pdf or .svg")
+    folder = out.absolute().parent
+    if not folder.is_dir():
+        raise OutputError(f"{option} {out}: folder {folder} does not exist; create it or choose another {option}")
+    if out.is_dir():
+        raise OutputError(f"{option} {out}: is a folder; give an image file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        why = os.strerror(errno.EROFS) if _read_only(folder) else os.strerror(errno.EACCES)
+        raise OutputError(f"{option} {out}: cannot write in {folder} ({why}); choose another {option}")
+    _pyplot()  # an old image there is replaced by a rename, which needs only the folder
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
@@ -54,13 +84,27 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    fig.savefig(tmp)
-    tmp.replace(out)
+    """Whole or not at all: a temporary file beside ``out`` (its suffix picks the format), then a rename."""
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    try:
+        fig.savefig(tmp)
+        tmp.replace(out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"{out}: cannot write the image ({e.strerror or e})") from e
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def plot_interpolation(points: list[tuple[float, float]], out: Path, title: str) -> None:
-    """Loss against alpha in alpha*A + (1-alpha)*B: a bump between the ends is a barrier (Figure 13)."""
+    """Loss against alpha in alpha*A + (1-alpha)*B: a bump between the ends is a barrier (Figure 13).
+
+    Callers check ``out`` with :func:`check_target` before evaluating anything."""
+    if not points or not all(math.isfinite(v) for _, v in points):
+        raise OutputError(f"{out}: no finite losses to plot")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
     ax.plot([a for a, _ in points], [v for _, v in points], marker="o", color="tab:red")
@@ -73,9 +117,11 @@ def plot_interpolation(points: list[tuple[float, float]], out: Path, title: str)
     plt.close(fig)
 
 
-def plot(results: Path, out: Path, title: str | None = None) -> dict[str, int | None]:
-    plt = _pyplot()
+def plot(results: Path, out: Path, title: str | None = None, option: str = "-o") -> dict[str, int | None]:
+    """Draw ``results`` into ``out``; returns the savings view. ``option`` is how messages name ``out``."""
+    check_target(out, option)
     lines = curves(load_rows(results))
+    plt = _pyplot()
     reached = savings(lines)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for method, pts in lines.items():
