@@ -103,3 +103,26 @@ def test_sigterm_cleans_up_and_a_sigkilled_runs_folder_goes_with_the_next_run(ru
     assert [ln.split("\t")[0] for ln in again.stdout.splitlines()] == ["0", "1"]
     assert f"removed {left}, left by an interpolate that was killed" in again.stderr
     assert scratch_in(scratch) == [live]
+
+
+@pytest.mark.parametrize(
+    ("option", "where", "message"),
+    [
+        ("--results", "missing/r.json", "{path}: {parent} is not a folder; create it or choose another --results"),
+        ("--plot", "file.txt/p.png", "{path}: {parent} is not a folder; create it or choose another --plot"),
+        ("--results", ".", "{path}: not a file; choose another --results"),
+    ],
+)
+def test_results_and_plot_paths_are_checked_before_any_point(
+    run: Path, tmp_path: Path, option: str, where: str, message: str
+):
+    (tmp_path / "file.txt").write_text("")
+    path = tmp_path / where
+    args = interpolate(run, "0:1:0.5", option, str(path), "--tmp-dir", str(tmp_path))[3:]
+    r = CliRunner().invoke(cli, args)
+    if where == ".":  # click refuses a folder for a file option itself, as a usage error
+        assert r.exit_code == 2 and option in r.stderr
+        return
+    assert r.exit_code == 1
+    assert r.stderr == "Error: " + message.format(path=path, parent=path.parent) + "\n"
+    assert scratch_in(tmp_path) == []

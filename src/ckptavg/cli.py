@@ -943,6 +943,11 @@ def interpolate(
     from ckptavg import api, evaluate, scratch
     from ckptavg.progress import Reporter
 
+    for path, option in ((results, "--results"), (plot_to, "--plot")):
+        if path is not None:
+            _check_file_writable(path, option)
+    if plot_to is not None:
+        _check_plot_extra()
     sl = _eval_slice(data, max_tokens, seq_len)
     if tmp_dir is None:
         import tempfile
@@ -968,6 +973,28 @@ def interpolate(
         from ckptavg.plot import plot_interpolation
 
         plot_interpolation([(r["alpha"], r["loss"]) for r in rows], plot_to, f"{a.name} -> {b.name}")
+
+
+def _check_file_writable(path: Path, option: str) -> None:
+    """Before any work: ``path`` can be written (a file, or a new name in a folder we may write in)."""
+    from ckptavg.errors import OutputError
+
+    parent = path.parent
+    if os.path.lexists(path) and not path.is_file():
+        raise OutputError(f"{path}: not a file; choose another {option}")
+    if not parent.is_dir():
+        raise OutputError(f"{path}: {parent} is not a folder; create it or choose another {option}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"{path}: cannot write there; choose another {option}")
+
+
+def _check_plot_extra() -> None:
+    import importlib.util
+
+    from ckptavg.errors import MissingExtraError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingExtraError("--plot", "matplotlib", "plot")
 
 
 @cli.command(name="plot")
