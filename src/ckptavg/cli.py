@@ -1034,18 +1034,24 @@ def plot_(results: Path, output: Path, title: str | None) -> None:
     default=None,
     help="Copy tokenizer files from this folder (nanoGPT uses GPT-2's BPE, which is not bundled).",
 )
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace what is at --out: a folder, a file or a symlink.")
 def convert(source: Path, out: Path, tokenizer: Path | None, overwrite: bool) -> None:
     """Turn nanoGPT weights (a ckpt.pt, or a folder ckptavg averaged from nanoGPT) into a GPT-2 folder.
 
-    The result loads with transformers' AutoModelForCausalLM and so in lm-evaluation-harness.
+    The result loads with transformers' AutoModelForCausalLM and so in lm-evaluation-harness. It is
+    built in a hidden folder beside --out, removed however the conversion ends (SIGTERM too); one left
+    by a conversion killed outright is removed by the next one to the same --out. --overwrite replaces
+    a folder, a file or a symlink at --out (the link, never what it points to).
 
     \b
     ckptavg convert lawa/step6000 --out lawa-gpt2/step6000 --tokenizer gpt2-tokenizer/
     """
     from ckptavg.convert import convert as run
+    from ckptavg.scratch import sigterm_raises
 
-    click.echo(str(run(source, out, tokenizer=tokenizer, overwrite=overwrite)))
+    with sigterm_raises():
+        done = run(source, out, tokenizer=tokenizer, overwrite=overwrite)
+    click.echo(str(done))
 
 
 @cli.command(name="ls")
@@ -1075,7 +1081,7 @@ def main() -> None:
 
     try:
         cli.main(prog_name="ckptavg", standalone_mode=False)
-    except Terminated as e:  # interpolate turns SIGTERM into this, and clean up as on Ctrl-C
+    except Terminated as e:  # interpolate and convert turn SIGTERM into this, and clean up as on Ctrl-C
         click.echo(f"ckptavg: {e}; temporary folders were removed", err=True)
         sys.exit(1)
     except click.exceptions.Exit as e:
