@@ -105,10 +105,11 @@ def scratch_folder(parent: Path, prefix: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os.close(fd)
+        with uninterrupted():  # a SIGTERM now waits for the removal, rather than cutting it short
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 def _make_locked(parent: Path, prefix: str) -> tuple[Path, int]:
