@@ -145,7 +145,8 @@ def test_results_file_that_eval_did_not_write_is_refused_naming_the_row(run: Pat
 def test_results_option_checked_before_any_model(run: Path, work: Path):
     base = ["eval", run / "step1000", "--data", work / "heldout.txt", *SMALL]
     err = one_line(invoke(*base, "--results", work / "no" / "r.json"))
-    assert err.startswith(f"{work / 'no' / 'r.json'}: folder {work / 'no'} does not exist") and left(work) == []
+    assert err.startswith(f"--results {work / 'no' / 'r.json'}: folder {work / 'no'} does not exist")
+    assert left(work) == []
     err = one_line(invoke(*base, "--results", work / "r.csv"))
     assert "the CSV goes beside it; use a .json name" in err and left(work) == []
 

@@ -977,6 +977,9 @@ def eval_(
     _print_rows(table.sorted_rows())
 
 
+INTERPOLATE_PREFIX = ".ckptavg-interpolate-"  # the scratch folders of interpolate: one point's model
+
+
 @cli.command()
 @click.argument("a", type=click.Path(exists=True, path_type=Path))
 @click.argument("b", type=click.Path(exists=True, path_type=Path))
@@ -995,6 +998,12 @@ def eval_(
     default=None,
     help="Also draw loss against alpha into this image (needs the plot extra).",
 )
+@click.option(
+    "--tmp-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Where each point is averaged, one model at a time [default: beside --results, else $TMPDIR].",
+)
 def interpolate(
     a: Path,
     b: Path,
@@ -1006,32 +1015,54 @@ def interpolate(
     device: str,
     results: Path | None,
     plot_to: Path | None,
+    tmp_dir: Path | None,
 ) -> None:
     """Loss along the line between two checkpoints: alpha*A + (1-alpha)*B (linear mode connectivity).
 
     Each point is averaged by the streaming engine into a temporary folder, evaluated, and removed.
     Prints alpha, loss and perplexity per point.
 
+    The temporary folder (.ckptavg-interpolate-*, as large as one model) goes in --tmp-dir, by default
+    beside --results, else in $TMPDIR: on a compute node $TMPDIR is often small or in memory (tmpfs,
+    counted against the job's memory), while --results lies where the experiment's files are kept. It
+    is removed on Ctrl-C and on SIGTERM (a SLURM time limit) too; one left by a run killed outright is
+    removed by the next interpolate that uses the same folder.
+
     \b
     ckptavg interpolate runs/x/step20000 runs/x/step40000 --alphas 0:1:0.2 --data heldout.txt
     """
-    import tempfile
+    import shutil
 
-    from ckptavg import api, evaluate
+    from ckptavg import api, evaluate, scratch
+    from ckptavg.outputs import check_file_output
+    from ckptavg.progress import Reporter
 
+    if results is not None:
+        check_file_output(results, "--results")
+    if plot_to is not None:
+        check_plot_target(plot_to)
     sl = _eval_slice(data, max_tokens, seq_len)
+    if tmp_dir is None:
+        import tempfile
+
+        tmp_dir = results.parent if results is not None else Path(tempfile.gettempdir())
+    log = Reporter()
+    for p in scratch.remove_abandoned(scratch.with_prefix(tmp_dir, INTERPOLATE_PREFIX)):
+        log.log(f"removed {p}, left by an interpolate that was killed")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="ckptavg-interp-") as tmp:
+    with scratch.sigterm_raises(), scratch.scratch_folder(tmp_dir, INTERPOLATE_PREFIX) as tmp:
         for i, alpha in enumerate(alphas):
-            out = Path(tmp) / f"alpha{i}"
+            out = tmp / f"alpha{i}"
             plan = api.plan_avg([str(a), str(b)], weights=[alpha, 1 - alpha], out=out)
             api.average(plan)
             row = evaluate.evaluate(out, sl, batch_size=batch_size, device=device)
+            shutil.rmtree(out)  # one model on disk at a time
             rows.append({**row, "alpha": alpha, "model": f"{alpha:g}*{a} + {1 - alpha:g}*{b}"})
     if results is not None:
         results.write_text(json.dumps({"slice": evaluate.asdict(sl), "rows": rows}, indent=2) + "\n")
     for r in rows:
-        click.echo(f"{r['alpha']:g}\t{r['loss']:.4f}\t{r['ppl']:.3f}")
+        ppl = "inf" if r.get("ppl") is None else f"{r['ppl']:.3f}"
+        click.echo(f"{r['alpha']:g}\t{r['loss']:.4f}\t{ppl}")
     if plot_to is not None:
         from ckptavg.plot import plot_interpolation
 
@@ -1075,18 +1106,24 @@ def plot_(results: Path, output: Path, title: str | None) -> None:
     default=None,
     help="Copy tokenizer files from this folder (nanoGPT uses GPT-2's BPE, which is not bundled).",
 )
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace what is at --out: a folder, a file or a symlink.")
 def convert(source: Path, out: Path, tokenizer: Path | None, overwrite: bool) -> None:
     """Turn nanoGPT weights (a ckpt.pt, or a folder ckptavg averaged from nanoGPT) into a GPT-2 folder.
 
-    The result loads with transformers' AutoModelForCausalLM and so in lm-evaluation-harness.
+    The result loads with transformers' AutoModelForCausalLM and so in lm-evaluation-harness. It is
+    built in a hidden folder beside --out, removed however the conversion ends (SIGTERM too); one left
+    by a conversion killed outright is removed by the next one to the same --out. --overwrite replaces
+    a folder, a file or a symlink at --out (the link, never what it points to).
 
     \b
     ckptavg convert lawa/step6000 --out lawa-gpt2/step6000 --tokenizer gpt2-tokenizer/
     """
     from ckptavg.convert import convert as run
+    from ckptavg.scratch import sigterm_raises
 
-    click.echo(str(run(source, out, tokenizer=tokenizer, overwrite=overwrite)))
+    with sigterm_raises():
+        done = run(source, out, tokenizer=tokenizer, overwrite=overwrite)
+    click.echo(str(done))
 
 
 @cli.command(name="ls")
@@ -1113,8 +1150,13 @@ def ls_(as_json: bool, **kw: Any) -> None:
 
 
 def main() -> None:
+    from ckptavg.errors import Terminated
+
     try:
         cli.main(prog_name="ckptavg", standalone_mode=False)
+    except Terminated as e:  # interpolate and convert turn SIGTERM into this, and clean up as on Ctrl-C
+        click.echo(f"ckptavg: {e}; temporary folders were removed", err=True)
+        sys.exit(1)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
+from ckptavg import scratch
 from ckptavg.errors import InvalidCheckpointError, OutputError
 from ckptavg.outputs import check_name, check_outputs, check_writable
 from ckptavg.sources import open_checkpoint
 from ckptavg.sources.checkpoint import read_state
 from ckptavg.sources.extras import extra_files
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
+from ckptavg.writers.safetensors_folder import temp_prefix
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -128,7 +130,15 @@ def _tokenizer_files(folder: Path) -> dict[str, Path]:
 
 
 def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: bool = False) -> Path:
-    """Write a GPT-2 folder at ``out`` (built beside it under a temporary name, then renamed)."""
+    """Write a GPT-2 folder at ``out``, built beside it in a scratch folder and renamed into place.
+
+    The scratch folder is named after ``out`` the way the writer names its temporary folders
+    (``writers.safetensors_folder.temp_prefix``, so any name that fits in a file name fits), followed by
+    ``convert-`` and random characters. It is removed however the conversion ends; one that a killed
+    conversion left is removed by the next conversion to the same ``out`` (``scratch.remove_abandoned``).
+    With ``overwrite``, whatever is at ``out`` (a folder, a file, a symlink: never what a link points to)
+    is set aside into the scratch folder, and goes with it once the new folder is in place.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     check_name(out)
@@ -159,38 +169,40 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
         raise InvalidCheckpointError(src, f"does not fit GPT-2 ({detail})") from e
     if unexpected or [m for m in missing if not m.endswith(".attn.bias")]:
         raise InvalidCheckpointError(src, f"does not fit GPT-2 (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tmp = out.parent / f".{out.name}.ckptavg-convert-{os.getpid()}"
-    old = out.parent / f".{out.name}.ckptavg-convert-old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    prefix = scratch_prefix(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        model.to(state["transformer.wte.weight"].dtype).save_pretrained(tmp)  # type: ignore[arg-type]
-        for name, f in tokenizer_files.items():
-            shutil.copy2(f, tmp / name)
-        # What --overwrite replaces (a folder, a file, a symlink: the link itself, never where it points)
-        # is moved aside first and removed only once the new folder has its name.
-        replaced = os.path.lexists(out)
-        if replaced:
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if replaced:
-                os.rename(old, out)
-            raise
-        if replaced:
-            _remove(old)
+        scratch.remove_abandoned(scratch.with_prefix(out.parent, prefix))
+        with scratch.scratch_folder(out.parent, prefix) as tmp:
+            built = tmp / "gpt2"
+            model.to(state["transformer.wte.weight"].dtype).save_pretrained(built)  # type: ignore[arg-type]
+            for name, f in tokenizer_files.items():
+                shutil.copy2(f, built / name)
+            _replace(built, out, tmp / "old", overwrite)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{out}: cannot write ({e.strerror or e}); nothing was written") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise OutputError(f"{out}: {e.strerror or e}; nothing was written") from e
     return out
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def scratch_prefix(out: Path) -> str:
+    """How the scratch folders of conversions to ``out`` are named: within NAME_MAX for any ``out``."""
+    return f"{temp_prefix(out)}convert-"
+
+
+def _replace(built: Path, out: Path, aside: Path, overwrite: bool) -> None:
+    """Rename ``built`` to ``out``; with ``overwrite``, what was at ``out`` is first renamed to ``aside``
+    (a rename moves a symlink itself, never what it points to), and put back if the second rename fails.
+    A SIGTERM waits for the two renames: cut in between, the old output would go with the scratch folder."""
+    with scratch.uninterrupted():
+        moved = False
+        if os.path.lexists(out):
+            if not overwrite:
+                raise OutputError(f"{out}: appeared while converting; not replaced")
+            os.rename(out, aside)
+            moved = True
+        try:
+            os.rename(built, out)
+        except OSError:
+            if moved:
+                os.rename(aside, out)
+            raise

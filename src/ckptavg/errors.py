@@ -6,6 +6,7 @@ and exit code 1. Each message names the file, step or tensor at fault and, where
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterable
 
 
@@ -181,3 +182,13 @@ class MissingExtraError(CkptavgError):
 
 class TokenError(InvalidArgumentError):
     """A token that cannot be sent as an HTTP header. Its message never contains the token."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a command that cleans up on it ran. A BaseException, like KeyboardInterrupt,
+    so that no ``except Exception`` takes it for an error to handle; not a KeyboardInterrupt, which Click
+    turns into a bare Abort."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")

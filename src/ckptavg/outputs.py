@@ -17,7 +17,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ckptavg.errors import OutputError
-from ckptavg.sources.local import STEP_DIR  # the step folders open_run lists
+from ckptavg.steps import STEP_DIR  # the step folders open_run lists
 
 NAME_MAX = 255  # bytes in one file name, on every file system ckptavg is used on (ext4, xfs, Lustre, GPFS)
 
@@ -99,6 +99,19 @@ def check_writable(outputs: Sequence[Path]) -> None:
         if not os.access(above, os.W_OK | os.X_OK):
             why = os.strerror(errno.EROFS) if _read_only(above) else os.strerror(errno.EACCES)
             raise OutputError(f"{out}: cannot write in {above} ({why}); choose another --out")
+
+
+def check_file_output(path: Path, option: str) -> None:
+    """Before any work: the file ``option`` names (``--results``, ``--plot``, ``-o``) can be written there,
+    as a new file or by a rename over the old one (which needs only the folder)."""
+    if os.path.lexists(path) and not path.is_file():
+        raise OutputError(f"{option} {path}: not a file; choose another {option}")
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise OutputError(f"{option} {path}: folder {folder} does not exist; create it or choose another {option}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        why = os.strerror(errno.EROFS) if _read_only(folder) else os.strerror(errno.EACCES)
+        raise OutputError(f"{option} {path}: cannot write in {folder} ({why}); choose another {option}")
 
 
 def _run_finds(root: Path, out: Path) -> bool:

@@ -7,13 +7,13 @@ run has at its last evaluated step. matplotlib is an optional extra (``pip insta
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from ckptavg.errors import MissingExtraError, OutputError, ResultsFileError
+from ckptavg.outputs import check_file_output
 from ckptavg.results import PLOT_KEYS, read_results
 
 STYLE = {"original": ("black", "o"), "lawa": ("tab:red", "s"), "ema": ("tab:blue", "^"), "swa": ("tab:green", "v")}
@@ -38,22 +38,8 @@ def check_target(out: Path, option: str) -> None:
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         what = f"a {out.suffix} file" if out.suffix else "a name without an image suffix"
         raise OutputError(f"{option} {out}: {what} is not an image format matplotlib writes; use .png, .pdf or .svg")
-    folder = out.absolute().parent
-    if not folder.is_dir():
-        raise OutputError(f"{option} {out}: folder {folder} does not exist; create it or choose another {option}")
-    if out.is_dir():
-        raise OutputError(f"{option} {out}: is a folder; give an image file name")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        why = os.strerror(errno.EROFS) if _read_only(folder) else os.strerror(errno.EACCES)
-        raise OutputError(f"{option} {out}: cannot write in {folder} ({why}); choose another {option}")
+    check_file_output(out, option)
     _pyplot()  # an old image there is replaced by a rename, which needs only the folder
-
-
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 def curves(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:

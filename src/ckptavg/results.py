@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptavg.errors import ResultsFileError
+from ckptavg.outputs import check_file_output
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,7 @@ class Results:
             return
         if path.suffix.lower() == ".csv":
             raise ResultsFileError(path, "--results names the JSON file, and the CSV goes beside it; use a .json name")
-        folder = path.absolute().parent
-        if not folder.is_dir():
-            raise ResultsFileError(path, f"folder {folder} does not exist; create it or choose another --results")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ResultsFileError(path, f"cannot write in {folder}; choose another --results")
+        check_file_output(path, "--results")
         self.refresh()
 
     def refresh(self) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import click
+
+# How a run folder names the checkpoint of a step: Pythia's ``step{N}`` and the HF Trainer's ``checkpoint-{N}``.
+STEP_DIR = re.compile(r"^(?:step|checkpoint-)(\d+)$")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from ckptavg.sources.checkpoint import Checkpoint
 from ckptavg.sources.hf_folder import find_weights, open_hf_checkpoint
 from ckptavg.sources.nanogpt import open_nanogpt_checkpoint
 from ckptavg.sources.source import Listing
+from ckptavg.steps import STEP_DIR
 
-STEP_DIR = re.compile(r"^(?:step|checkpoint-)(\d+)$")
 _TORCH_SUFFIXES = (".pt", ".pth")
 
 
