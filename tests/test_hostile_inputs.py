@@ -249,3 +249,20 @@ def test_a_run_folder_whose_name_is_not_utf8_is_averaged(tmp_path: Path):
     assert r.exit_code == 0, r.stderr
     a, b = (load_file(tmp_path / x / "step3000" / "model.safetensors") for x in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_weight_file_swapped_for_a_pipe_after_planning_is_an_error_not_a_hang(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from ckptavg.errors import InvalidCheckpointError
+    from ckptavg.sources import FileTable, open_checkpoint
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    save_file({"w": torch.ones(4)}, folder / "model.safetensors")
+    header = open_checkpoint(folder)  # planned from a regular file
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")  # opening a pipe for reading blocks until a writer comes
+
+    with FileTable() as files, pytest.raises(InvalidCheckpointError, match="no longer a regular file"):
+        header.open(files).read("w", 0, 4, torch.empty(16, dtype=torch.uint8))

@@ -210,9 +210,12 @@ class FileTable:
             fd = self._fds.get(path)
             if fd is None:
                 try:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a file swapped for a pipe must not hang
                 except OSError as e:
                     raise InvalidCheckpointError(path, f"cannot open ({e.strerror})") from e
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise InvalidCheckpointError(path, "no longer a regular file (changed since planning)")
                 self._fds[path] = fd
             return fd
 
