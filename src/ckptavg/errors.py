@@ -59,14 +59,18 @@ class InvalidRunError(CkptavgError):
         super().__init__(f"{run}: {detail}")
 
 
-class InvalidCheckpointError(CkptavgError):
-    """A checkpoint (a file, a folder, a Hub revision's file) is missing, truncated, corrupt, or not in a
-    supported format. ``path`` is how the message names it: a path, or repo@revision/file."""
+class _PathError(CkptavgError):
+    """A problem with one file or folder: ``path`` (how the message names it) and ``detail`` (what is wrong)."""
 
     def __init__(self, path: object, detail: str) -> None:
         self.path = str(path)
         self.detail = detail
         super().__init__(f"{path}: {detail}")
+
+
+class InvalidCheckpointError(_PathError):
+    """A checkpoint (a file, a folder, a Hub revision's file) is missing, truncated, corrupt, or not in a
+    supported format. ``path`` is how the message names it: a path, or repo@revision/file."""
 
 
 class UnsafePickleError(InvalidCheckpointError):
@@ -150,13 +154,6 @@ class CacheDirError(InvalidArgumentError):
         self.path = str(path)
         self.detail = detail
         super().__init__(f"{path}: cannot be the download cache: {detail}")
-
-
-class _PathError(CkptavgError):
-    def __init__(self, path: object, detail: str) -> None:
-        self.path = str(path)
-        self.detail = detail
-        super().__init__(f"{path}: {detail}")
 
 
 class ResultsFileError(_PathError):
