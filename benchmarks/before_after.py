@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
     ap.add_argument("--before", type=Path, required=True, help="src/ folder of the tree to compare against")
     ap.add_argument("--after", type=Path, default=HERE.parent / "src")
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", "/work/benchdata")))
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", HERE.parent / "benchdata")))
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     name, ends, steps = SCENARIOS[args.scenario]

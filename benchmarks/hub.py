@@ -9,8 +9,8 @@ weight files downloaded against a naive approach (every member of every window),
 (sampled every 10 ms) against the budget and against one window's checkpoints, and the bytes planning
 read from weight files (headers, by HTTP range).
 
-    .venv/bin/python benchmarks/hub.py --data /work/benchdata/pythia-160m --ends 5000:8000 --k 5
-    .venv/bin/python benchmarks/hub.py --data /work/benchdata/12b-slice --ends 5000:5000 --k 5 \\
+    .venv/bin/python benchmarks/hub.py --data $BENCH_DATA/pythia-160m --ends 5000:8000 --k 5
+    .venv/bin/python benchmarks/hub.py --data $BENCH_DATA/12b-slice --ends 5000:5000 --k 5 \\
         --shards 3 --budgets window,min
 
 Budgets: `window` (the default: one window's checkpoints whole), `min` (k of the largest shard, plus
@@ -21,7 +21,7 @@ file (every shard of every revision); `--fault drop` with one dropped body (half
 hangs up). The extra time should be the retry's backoff (0.5-1 s per file, several at once), and the
 extra bytes served none for 500 and none for a drop (resumed by range), never a second download.
 
-    .venv/bin/python benchmarks/hub.py --data /work/benchdata/pythia-160m --ends 5000:8000 --k 5 --fault 500
+    .venv/bin/python benchmarks/hub.py --data $BENCH_DATA/pythia-160m --ends 5000:8000 --k 5 --fault 500
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
                                      tensor names, shapes and legacy buffers
 
 Example:
-    python benchmarks/make_checkpoints.py --preset pythia-1b --root /work/benchdata/pythia-1b \
+    python benchmarks/make_checkpoints.py --preset pythia-1b --root $BENCH_DATA/pythia-1b \
         --steps 1000:5000:1000
 
 Values are random (uniform, per-step seed) so generation is fast; only names, shapes, dtypes

@@ -3,7 +3,8 @@
 
 Writes one YAML config per window (equal weights, dtype float16, members as local paths) and
 runs them one after another with the mergekit CLI from its own virtualenv (default
-/work/benchdata/mergekit-venv). Stops at the first failing merge and exits with its status.
+$BENCH_DATA/mergekit-venv; BENCH_DATA defaults to benchdata/ in the repo). Stops at the first failing
+merge and exits with its status.
 Uses only the standard library (no torch import), so the driver adds nothing to peak RSS.
 
     mergekit_merge.py ROOT --lawa-ends 5000:5000 --k 5 --interval 1000 --out OUT
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from windows_arg import add_window_args, windows_from_args  # the script's folder is on sys.path
 
-DEFAULT_MERGEKIT = Path(os.environ.get("MERGEKIT_VENV", "/work/benchdata/mergekit-venv")) / "bin" / "mergekit-yaml"
+DATA = Path(os.environ.get("BENCH_DATA", Path(__file__).resolve().parent.parent / "benchdata"))
+DEFAULT_MERGEKIT = Path(os.environ.get("MERGEKIT_VENV", DATA / "mergekit-venv")) / "bin" / "mergekit-yaml"
 # --no-copy-tokenizer: the synthetic run folders have no tokenizer files.
 DEFAULT_FLAGS = ["--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Run every contender of one benchmark scenario side by side and print a markdown table.
 
-    /work/main/.venv/bin/python benchmarks/run.py 1b-window
-    /work/main/.venv/bin/python benchmarks/run.py 160m-trajectory
-    /work/main/.venv/bin/python benchmarks/run.py 12b-slice-window --only naive,mergekit-eager
+    .venv/bin/python benchmarks/run.py 1b-window
+    .venv/bin/python benchmarks/run.py 160m-trajectory
+    .venv/bin/python benchmarks/run.py 12b-slice-window --only naive,mergekit-eager
 
 Each contender runs as its own process under `/usr/bin/time -v`; wall time and "Maximum resident
 set size" come from there. Before each contender the harness (untimed) runs `sync`, removes the
@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = Path(os.environ.get("BENCH_PYTHON", REPO / ".venv" / "bin" / "python"))
 CKPTAVG = Path(os.environ.get("CKPTAVG", REPO / ".venv" / "bin" / "ckptavg"))
-MERGEKIT_VENV = Path(os.environ.get("MERGEKIT_VENV", "/work/benchdata/mergekit-venv"))
+DATA = Path(os.environ.get("BENCH_DATA", REPO / "benchdata"))  # tens of GB; git ignores benchdata/
+MERGEKIT_VENV = Path(os.environ.get("MERGEKIT_VENV", DATA / "mergekit-venv"))
 TIME = "/usr/bin/time"
 
 # name -> (preset, checkpoint steps on disk, first window end, last window end)
@@ -216,7 +217,7 @@ def machine_info(data: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scenario", choices=sorted(SCENARIOS))
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("BENCH_DATA", "/work/benchdata")))
+    ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--only", help=f"comma list out of {','.join(ALL)}")
     ap.add_argument("--skip", default="", help="comma list of contenders to leave out")
     ap.add_argument("--no-make", action="store_true", help="do not (re)generate missing checkpoints")
