@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
 from safetensors.torch import save_file
 
 # huggingface_hub reads these when imported: set before any test imports it (shared/notes/hub-protocol.md).
@@ -56,3 +58,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- what a failed command must look like
+
+
+def error_line(result: Result, code: int = 1) -> str:
+    """The one reason on stderr (without ``Error: ``), after checking the exit code and that nothing else went
+    wrong: no traceback, nothing on stdout; exit 1 prints only that line, exit 2 adds Click's usage lines."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    err = result.stderr.strip()
+    if code == 1:
+        assert "\n" not in err and err.startswith("Error: "), err
+        return err.removeprefix("Error: ")
+    lines = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, err
+    return lines[0].removeprefix("Error:").strip()
+
+
+def tree_digest(root: Path) -> str:
+    """Every name, symlink target and byte under ``root``: equal before and after = untouched."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_symlink():
+            h.update(b"->" + os.readlink(p).encode())
+        elif p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

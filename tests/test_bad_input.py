@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import SHAPES, random_state
+from conftest import SHAPES, error_line, random_state
 from factories import write_nanogpt_ckpt, write_pythia_run
 from safetensors.torch import load_file, save_file
 
@@ -39,22 +39,6 @@ def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def invoke(*args: object) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result: Result, code: int = 1) -> str:
-    """The one line Click printed on stderr, without its ``Error: `` prefix; checks the exit code too."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    err = result.stderr.strip()
-    assert "Traceback" not in result.stderr
-    if code == 2:  # usage errors: Click adds its usage lines; the reason is the `Error:` line
-        lines = [ln for ln in err.splitlines() if ln.startswith("Error:")]
-        assert len(lines) == 1, err
-        return lines[0].removeprefix("Error:").strip()
-    assert "\n" not in err, f"not one line: {err!r}"
-    assert err.startswith("Error: "), err
-    assert result.stdout == ""
-    return err.removeprefix("Error: ")
 
 
 def assert_nothing_left(out: Path) -> None:

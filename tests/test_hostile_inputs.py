@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import error_line, tree_digest
 from factories import write_nanogpt_ckpt, write_pythia_run, write_pythia_step
 from hub_server import HubServer
 from safetensors.torch import load_file
@@ -34,26 +35,6 @@ def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def invoke(*args: object) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert "Traceback" not in err and "\n" not in err, err
-    assert result.stdout == ""
-    return err.removeprefix("Error: ")
-
-
-def tree_digest(root: Path) -> str:
-    """Names, link targets and contents of everything under ``root``: equal before and after = untouched."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_symlink():
-            h.update(os.readlink(p).encode())
-        elif p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def lawa(run: Path, out: Path, *extra: object) -> Result:

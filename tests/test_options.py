@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import error_line
 from safetensors.torch import load_file
 
 from ckptavg.cli import cli, task_from_env
@@ -61,22 +62,6 @@ def run(make_st_run, tmp_path: Path) -> Path:
 
 def invoke(*args: object) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result: Result, code: int) -> str:
-    """The one reason on stderr (without ``Error: ``), after checking the exit code and that nothing else went
-    wrong: no traceback, nothing on stdout; exit 1 prints only that line, exit 2 adds Click's usage lines."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-    err = result.stderr.strip()
-    if code == 1:
-        assert "\n" not in err and err.startswith("Error: "), err
-        return err.removeprefix("Error: ")
-    lines = [ln for ln in err.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1, err
-    return lines[0].removeprefix("Error:").strip()
 
 
 def assert_nothing_written(out: Path) -> None:

@@ -7,7 +7,6 @@ and leaves the inputs as they were, byte for byte.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import error_line, tree_digest
 from factories import write_nanogpt_ckpt
 from safetensors.torch import save_file
 
@@ -165,27 +165,6 @@ def test_outputs_never_replace_contain_or_enter_an_input():
 
 def invoke(*args: object) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def error_line(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    err = result.stderr.strip()
-    assert "Traceback" not in err and "\n" not in err, err
-    assert err.startswith("Error: ") and result.stdout == "", err
-    return err.removeprefix("Error: ")
-
-
-def tree_digest(root: Path) -> str:
-    """Every name, symlink target and byte under ``root``."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_symlink():
-            h.update(b"->" + os.readlink(p).encode())
-        elif p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def leftovers(root: Path) -> list[Path]:

@@ -7,7 +7,6 @@ Files are real (tests/factories.py writes them with torch and transformers) and 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import error_line, tree_digest
 from factories import write_nanogpt_ckpt
 
 from ckptavg.cli import cli
@@ -31,25 +31,6 @@ def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def invoke(*args: object, color: bool = False) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], color=color)
-
-
-def error_line(result: Result) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr.strip()
-    assert "Traceback" not in err and "\n" not in err, err
-    assert result.stdout == ""
-    return err.removeprefix("Error: ")
-
-
-def tree_digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_symlink():
-            h.update(os.readlink(p).encode())
-        elif p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def nano_run(folder: Path) -> Path:
