@@ -138,6 +138,9 @@ class FiniteFloatRange(click.FloatRange):
         return rv
 
 
+DECAY = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # ema's decay: strictly between 0 and 1
+
+
 class WeightsType(click.ParamType):
     """``--weights 0.2,0.3,0.5``: finite, non-negative, not all zero; checked before any checkpoint is read."""
 
@@ -483,7 +486,7 @@ def lawa(**kw: Any) -> None:
 )
 @click.option(
     "--decay",
-    type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
+    type=DECAY,
     default=0.9,
     show_default=True,
     help="ema = decay*ema + (1-decay)*x.",
@@ -547,7 +550,7 @@ def avg(**kw: Any) -> None:
 @click.option("--interval", type=STRIDE, default=None, help="Steps between outputs.")
 @click.option(
     "--decay",
-    type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
+    type=DECAY,
     default=0.9,
     show_default=True,
     help="ema: decay.",
