@@ -83,7 +83,7 @@ class Options:
 def _plan_from_run(run: Source, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
     members = run.checkpoints(s for w in windows for s in w.steps)
     plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
-    check_inputs_untouched(plan, run.label if run.root is not None else None)
+    check_inputs_untouched(plan, run.discovered_from)
     check_members(plan)
     return plan
 

@@ -90,7 +90,7 @@ class HubSource:
 
         self.repo = repo
         self.label = repo
-        self.root: Path | None = None  # nothing local is discovered as input
+        self.discovered_from: str | None = None  # nothing local is discovered as input
         self.retry = retry or RetryPolicy.with_total(retry_time)
         self.endpoint = endpoint
         self.token = token

@@ -26,10 +26,10 @@ class LocalRun:
     """A run on disk (implements ``Source``); each checkpoint's header is read once, when first asked for."""
 
     def __init__(
-        self, label: str, root: Path, paths: dict[int, Path], *, allow_legacy: bool, opened: dict[int, Checkpoint]
+        self, label: str, paths: dict[int, Path], *, allow_legacy: bool, opened: dict[int, Checkpoint]
     ) -> None:
         self.label = label
-        self.root: Path | None = root
+        self.discovered_from: str | None = label  # the folder or glob as given: where outputs must not go
         self.paths = paths
         self.allow_legacy = allow_legacy
         self._open = dict(opened)
@@ -76,7 +76,7 @@ def open_run(source: str, *, allow_legacy: bool = False) -> LocalRun:
         files = sorted(Path(p) for p in glob.glob(source) if p.endswith(_TORCH_SUFFIXES) and os.path.isfile(p))
         if not files:
             raise InvalidRunError(source, "the pattern matches no .pt files")
-        return _nanogpt_run(source, _glob_root(source), files, allow_legacy)
+        return _nanogpt_run(source, files, allow_legacy)
     root = Path(source)
     if not root.is_dir():
         raise InvalidRunError(source, "no such run folder")
@@ -89,25 +89,18 @@ def open_run(source: str, *, allow_legacy: bool = False) -> LocalRun:
                 raise InvalidRunError(source, f"step {step} appears twice ({step_dirs[step].name}, {p.name})")
             step_dirs[step] = p
     if step_dirs:
-        return LocalRun(source, root, step_dirs, allow_legacy=allow_legacy, opened={})
+        return LocalRun(source, step_dirs, allow_legacy=allow_legacy, opened={})
     files = sorted(
         p for pattern in ("*", "*/*") for p in root.glob(pattern) if p.suffix in _TORCH_SUFFIXES and p.is_file()
     )
     if files:
-        return _nanogpt_run(source, root, files, allow_legacy)
+        return _nanogpt_run(source, files, allow_legacy)
     if find_weights(root):
         raise InvalidRunError(source, "this is one checkpoint, not a run of step folders; use `ckptavg avg`")
     raise InvalidRunError(source, "no step{N}/ folders and no nanoGPT .pt files found")
 
 
-def _glob_root(pattern: str) -> Path:
-    """The folder a glob searches: its path up to the first part with a wildcard."""
-    parts = Path(pattern).parts
-    fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
-    return Path(*fixed) if fixed else Path(os.curdir)
-
-
-def _nanogpt_run(label: str, root: Path, files: list[Path], allow_legacy: bool) -> LocalRun:
+def _nanogpt_run(label: str, files: list[Path], allow_legacy: bool) -> LocalRun:
     paths: dict[int, Path] = {}
     opened: dict[int, Checkpoint] = {}
     for f in files:
@@ -116,4 +109,4 @@ def _nanogpt_run(label: str, root: Path, files: list[Path], allow_legacy: bool) 
             raise InvalidRunError(label, f"iter_num {ckpt.step} is in both {paths[ckpt.step]} and {f}")
         paths[ckpt.step] = f
         opened[ckpt.step] = ckpt
-    return LocalRun(label, root, paths, allow_legacy=allow_legacy, opened=opened)
+    return LocalRun(label, paths, allow_legacy=allow_legacy, opened=opened)

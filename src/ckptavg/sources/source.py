@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from ckptavg.sources.checkpoint import Checkpoint
@@ -32,7 +31,7 @@ class Source(Protocol):
     """The checkpoints of one training run, by step."""
 
     label: str  # how messages and provenance name the run
-    root: Path | None  # the local folder the run is discovered in (outputs must not go there); None: remote
+    discovered_from: str | None  # the folder or glob a local run's checkpoints are found by; None: remote
 
     def steps(self) -> list[int]:
         """Every step the run has, ascending."""
