@@ -512,7 +512,17 @@ def test_ctrl_c_mid_run_leaves_nothing(make_st_run, tmp_path: Path):
     cmd = [sys.executable, "-m", "ckptavg", "lawa", str(run), "--steps", "3000:7000", "--k", "3"]
     cmd += ["--out", str(out), "--chunk", "1024"]
     env = {k: v for k, v in os.environ.items() if k != "CKPTAVG_DEBUG"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # As a terminal's Ctrl-C finds it: SIGINT at its default. A test run started in the background by a
+    # non-interactive shell (`make test &`) has SIGINT ignored, the child would inherit that, and Python
+    # (rightly) leaves an ignored SIGINT ignored.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 60
         seen = False
