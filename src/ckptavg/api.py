@@ -14,7 +14,7 @@ import hashlib
 import json
 import resource
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class Plan:
     # share, resumed run and Hub part computes each window the same way (see engine.choose_reducer).
     overlapping: bool = False  # some checkpoint is a member of two windows
     plan_members: int = 0  # checkpoints in the whole plan
+    origin: dict[str, Any] = field(default_factory=dict)  # Source.origin of a run's plan (provenance only)
 
     def __post_init__(self) -> None:
         if not self.plan_members:
@@ -82,7 +83,8 @@ class Options:
 
 def _plan_from_run(run: Source, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
     members = run.checkpoints(s for w in windows for s in w.steps)
-    plan = Plan(method, params, run.label, windows, members, [out / f"step{w.end}" for w in windows])
+    outputs = [out / f"step{w.end}" for w in windows]
+    plan = Plan(method, params, run.label, windows, members, outputs, origin=dict(run.origin))
     check_inputs_untouched(plan, run.discovered_from)
     check_members(plan)
     return plan
@@ -174,7 +176,8 @@ def plan_avg(
         members = {i: by_step[int(p)] for i, p in enumerate(paths)}
         source = f"{run.label} steps {', '.join(paths)}"
     params = {"weights": list(window.weights)}
-    plan = Plan("avg", params, source, [window], members, [out], by_position=True)
+    origin = {"paths": list(paths)} if run is None else dict(run.origin)
+    plan = Plan("avg", params, source, [window], members, [out], by_position=True, origin=origin)
     check_inputs_untouched(plan)
     check_members(plan)
     return plan
@@ -252,17 +255,7 @@ def downloads(plan: Plan, budget: int | None = None) -> dict[str, int] | None:
 def _subplan(plan: Plan, lo: int, hi: int) -> Plan:
     windows, outputs = plan.windows[lo:hi], plan.outputs[lo:hi]
     members = {m: plan.members[m] for m in sorted({m for w in windows for m in w.steps})}
-    return Plan(
-        plan.method,
-        plan.params,
-        plan.source,
-        windows,
-        members,
-        outputs,
-        plan.by_position,
-        plan.overlapping,
-        plan.plan_members,
-    )
+    return replace(plan, windows=windows, members=members, outputs=outputs)
 
 
 def task_share(plan: Plan, task_index: int, num_tasks: int) -> Plan:

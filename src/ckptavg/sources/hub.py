@@ -91,6 +91,7 @@ class HubSource:
         self.repo = repo
         self.label = repo
         self.discovered_from: str | None = None  # nothing local is discovered as input
+        self.origin: dict[str, Any] = {"repo": repo, "endpoint": endpoint, "revision_pattern": template}
         self.retry = retry or RetryPolicy.with_total(retry_time)
         self.endpoint = endpoint
         self.token = token

@@ -11,6 +11,7 @@ import glob
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ckptavg.errors import InvalidCheckpointError, InvalidRunError, StepNotFoundError
 from ckptavg.sources.checkpoint import Checkpoint
@@ -30,6 +31,7 @@ class LocalRun:
     ) -> None:
         self.label = label
         self.discovered_from: str | None = label  # the folder or glob as given: where outputs must not go
+        self.origin: dict[str, Any] = {"run": label}
         self.paths = paths
         self.allow_legacy = allow_legacy
         self._open = dict(opened)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ckptavg.sources.checkpoint import Checkpoint
 
@@ -32,6 +32,9 @@ class Source(Protocol):
 
     label: str  # how messages and provenance name the run
     discovered_from: str | None  # the folder or glob a local run's checkpoints are found by; None: remote
+    # Where the run is, as provenance records it (a local run's folder or glob; a Hub repo, its endpoint
+    # and revision pattern): enough to find the inputs again, not part of what decides the arithmetic.
+    origin: dict[str, Any]
 
     def steps(self) -> list[int]:
         """Every step the run has, ascending."""
