@@ -2,15 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A bare `torch` requirement can pull a multi-GB CUDA build; install the one you want first.
+# torch is installed first, as TORCH names it, from TORCH_INDEX when given. From PyPI on Linux x86_64,
+# torch==2.13.0 is the CUDA build (several GB); for the CPU-only build:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 EXAMPLE_OUT ?= examples/out
 
 .PHONY: install test lint example example-data study bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(BIN)/pip install -q -e ".[dev]"
 
 test:

@@ -18,6 +18,23 @@ os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 os.environ.pop("HF_TOKEN", None)
 
+ROOT = Path(__file__).resolve().parents[1]
+_ROOT_BEFORE: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _ROOT_BEFORE.update(p.name for p in ROOT.iterdir())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite leaves the checkout as it found it: a test that writes into the repository root (a
+    slurm-*.out log, an output folder made relative to the wrong directory) fails the run."""
+    left = sorted(p.name for p in ROOT.iterdir() if p.name not in _ROOT_BEFORE and p.name != ".pytest_cache")
+    if left:
+        print(f"\ntests left files in the repository root: {', '.join(left)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 SHAPES = {"embed.weight": (37, 41), "layer.w": (5000,), "layer.b": (3,), "head.weight": (41, 37), "scalar": ()}
 
 

@@ -191,7 +191,8 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(["float32", "float64"]),
                 default="float32",
                 show_default=True,
-                help="Accumulator dtype (windows that share checkpoints are always summed in float64).",
+                help="Accumulator dtype (LAWA and SWA windows that share checkpoints are always summed in float64; "
+                "EMA and avg use this).",
             ),
             click.option(
                 "--dtype",
@@ -611,7 +612,11 @@ def _task_of(n_outputs: int, num_tasks: int) -> list[int]:
 @click.option("--array", "array_only", is_flag=True, help="Print only the tasks to run again, as an --array list.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def status(as_json: bool, array_only: bool, command: tuple[str, ...]) -> None:
-    """Which outputs of an averaging command are complete, partial (a killed run's) or missing.
+    """Which outputs of an averaging command are complete, partial (a killed run's), other or missing.
+
+    complete: made by this very plan; partial: a killed run's temporary folder is there (the same command
+    resumes it); other: something else has the name (the command refuses it without --overwrite, e.g. an
+    output made from inputs that have changed since); missing: nothing yet.
 
     Give the averaging command last, as you would run it (with its --num-tasks, if any); each output
     is shown with the task that makes it, and the tasks to run again are summed up as an --array list.
@@ -883,17 +888,14 @@ def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH), default=8, show_default=True),
             click.option("--device", type=DeviceType(), default="cpu", show_default=True),
-            click.option(
-                "--results",
-                type=click.Path(dir_okay=False, path_type=Path),
-                default=None,
-                help="JSON results file (a CSV is written beside it); models already in it are skipped. "
-                "Several runs may share one (a job array): rows are merged under a lock.",
-            ),
         ]
     ):
         f = opt(f)
     return f
+
+
+def _results_option(help: str) -> Callable[..., Any]:
+    return click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None, help=help)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -909,6 +911,10 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 @click.option("--steps", type=STEP_RANGE, default=None, help="With --run: START:END:EVERY.")
 @click.option("--disagreement", is_flag=True, help="With two models: how often their next-token predictions differ.")
 @_eval_options
+@_results_option(
+    "JSON results file (a CSV is written beside it); models already in it are skipped. "
+    "Several runs may share one (a job array): rows are merged under a lock."
+)
 def eval_(
     models: tuple[Path, ...],
     run: str | None,
@@ -994,6 +1000,7 @@ INTERPOLATE_PREFIX = ".ckptavg-interpolate-"  # the scratch folders of interpola
     help="START:END:STEP of alpha in alpha*A + (1-alpha)*B.",
 )
 @_eval_options
+@_results_option("Write the points (alpha, loss, ppl) and the data slice to this JSON file, replacing it.")
 @click.option(
     "--plot",
     "plot_to",
