@@ -176,7 +176,9 @@ def execute(
             rep.stop()
             for j, w in zip(todo, writers, strict=True):
                 if opts.write_ckpt:
-                    write_nanogpt_ckpt(w.tmp, iter_num=plan.windows[j].end, state=ckpt_states[j], aliases=ref.aliases)
+                    write_nanogpt_ckpt(
+                        w.tmp, iter_num=plan.windows[j].end, state=ckpt_states.pop(j), aliases=ref.aliases
+                    )
                 w.commit()
                 members = plan.windows[j].steps
                 span = f"{len(members)} member{'s' * (len(members) != 1)}"

@@ -13,8 +13,10 @@ leaves it out: sample.py is unaffected, and train.py's resume then stops at
 optimizer there.
 
 ``torch.save`` needs the whole state dict at once, so this holds the output model in memory one time and
-the optimizer state mapped from the member's file (about twice the model in fp32); nanoGPT models are
-small enough for that, the 12B Pythia path never comes here.
+the optimizer state mapped from the member's file (about twice the model in fp32): its pages count in the
+process's RSS while torch.save copies them, as clean file pages the kernel can drop (measured on a 23M
+parameter model: peak RSS 522 MB with --optimizer newest, 335 MB with none, 279 MB without ckpt.pt).
+nanoGPT models are small enough for that; the 12B Pythia path never comes here.
 """
 
 from __future__ import annotations
