@@ -175,7 +175,7 @@ def test_nanogpt_run(tmp_path: Path):
     model.load_state_dict(got, strict=True)
 
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert set(ckpt) == {"model", "model_args", "iter_num", "config"}
+    assert set(ckpt) == {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config"}
     assert ckpt["iter_num"] == 6000 and ckpt["model_args"] == NANO_ARGS
     assert ckpt["model"]["lm_head.weight"].data_ptr() == ckpt["model"]["transformer.wte.weight"].data_ptr()
     model.load_state_dict(ckpt["model"], strict=True)

@@ -74,6 +74,7 @@ class Options:
     max_shard_size: int = 5 * 10**9
     allow_nonfinite: bool = False
     write_ckpt: bool = False  # nanoGPT sources: also write ckpt.pt
+    optimizer: str = "newest"  # with write_ckpt: the newest member's optimizer state in ckpt.pt, or "none"
     chunk: int | None = None  # elements per chunk (tests use small ones); default: engine.CHUNK_BYTES
     disk_budget: int | None = None  # Hub runs: bytes of downloads held at once; default: one window's files
 
@@ -326,6 +327,8 @@ def provenance(plan: Plan, j: int, opts: Options) -> dict[str, Any]:
     newest = plan.members[w.steps[-1]]
     if "model_args" in newest.meta:  # nanoGPT: what `ckptavg convert` needs to rebuild the model
         record["model_args"] = newest.meta["model_args"]
+    if opts.write_ckpt:  # part of the output: a run with other --format/--optimizer is another plan
+        record["ckpt"] = {"optimizer": opts.optimizer}
     record["plan_id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 
 from ckptavg import __version__
-from ckptavg.errors import CkptavgError, InvalidArgumentError
+from ckptavg.errors import CkptavgError, InvalidArgumentError, OptionError
 from ckptavg.sizes import SIZE
 from ckptavg.slurm import MAX_CPUS, SLURM_MEMORY, SLURM_NAME, SLURM_TIME, TokenSource, job_script, shell_quote
 from ckptavg.steps import STEP_RANGE, STEP_RANGE_FLOAT
@@ -218,6 +218,14 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 show_default=True,
                 help="ckpt: also write nanoGPT's ckpt.pt (nanoGPT sources only).",
             ),
+            click.option(
+                "--optimizer",
+                type=click.Choice(["newest", "none"]),
+                default=None,
+                help="--format ckpt: newest puts the newest member's optimizer state and best_val_loss in "
+                "ckpt.pt, for train.py --init_from=resume; none leaves the optimizer out (sample.py needs none; "
+                "train.py's resume then fails at optimizer.load_state_dict) [default: newest].",
+            ),
             click.option("--allow-nonfinite", is_flag=True, help="Average NaN/Inf inputs instead of refusing them."),
             click.option(
                 "--allow-legacy-pickle",
@@ -352,9 +360,17 @@ def _options(kw: dict[str, Any]) -> Any:
         max_shard_size=kw["max_shard_size"],
         allow_nonfinite=kw["allow_nonfinite"],
         write_ckpt=kw["fmt"] == "ckpt",
+        optimizer=_optimizer(kw),
         chunk=kw["chunk"],
         disk_budget=kw["disk_budget"],
     )
+
+
+def _optimizer(kw: dict[str, Any]) -> str:
+    """--optimizer: what ckpt.pt carries; given without --format ckpt it is a usage error, not ignored."""
+    if kw["optimizer"] is not None and kw["fmt"] != "ckpt":
+        raise OptionError("--optimizer", "applies to --format ckpt only (a safetensors output holds the weights alone)")
+    return kw["optimizer"] or "newest"
 
 
 _ID, _MIN, _COUNT = "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"
@@ -435,12 +451,13 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
     from ckptavg import api
     from ckptavg.progress import Reporter
 
+    opts = _options(kw)  # options that cannot go together fail before any planning
     task = task_from_env(kw["task_index"], kw["num_tasks"])  # a bad SLURM variable fails before any planning
     plan = api.task_share(_plan(name, kw), *task)
     if kw["dry_run"]:
         _emit_plan(plan, kw["as_json"], kw["disk_budget"])
         return
-    for path in api.average(plan, _options(kw), Reporter(quiet=kw["quiet"])):
+    for path in api.average(plan, opts, Reporter(quiet=kw["quiet"])):
         click.echo(json.dumps({"out": str(path)}) if kw["as_json"] else str(path))
 
 

@@ -29,7 +29,7 @@ from ckptavg.progress import Reporter, human_bytes
 from ckptavg.sources import FileTable, TensorInfo
 from ckptavg.sources.checkpoint import Remote
 from ckptavg.windows import Window
-from ckptavg.writers import FolderWriter, write_nanogpt_ckpt
+from ckptavg.writers import FolderWriter, ckpt_training_state, write_nanogpt_ckpt
 
 if TYPE_CHECKING:
     from ckptavg.api import Options, Plan
@@ -64,6 +64,11 @@ def execute(
 
     layout = [(n, TensorInfo(infos[n].shape, dtype_of(n, infos[n]))) for n in names]
     created = [p for p in {plan.outputs[j].parent for j in todo} if not p.exists()]
+    # nanoGPT's ckpt.pt: each output's newest member's training state, checked before anything is written.
+    ckpt_states = {
+        j: ckpt_training_state(plan.members[plan.windows[j].steps[-1]], opts.optimizer)
+        for j in (todo if opts.write_ckpt else [])
+    }
     failure: list[BaseException] = []  # what ended the run, for the clean-up callbacks
     t0 = time.perf_counter()
 
@@ -171,7 +176,9 @@ def execute(
             rep.stop()
             for j, w in zip(todo, writers, strict=True):
                 if opts.write_ckpt:
-                    write_nanogpt_ckpt(w.tmp, iter_num=plan.windows[j].end, meta=ref.meta, aliases=ref.aliases)
+                    write_nanogpt_ckpt(
+                        w.tmp, iter_num=plan.windows[j].end, state=ckpt_states.pop(j), aliases=ref.aliases
+                    )
                 w.commit()
                 members = plan.windows[j].steps
                 span = f"{len(members)} member{'s' * (len(members) != 1)}"
