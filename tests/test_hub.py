@@ -71,7 +71,7 @@ def test_ls_lists_step_revisions_numerically(hub: HubServer, tmp_path: Path):
     rows = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert [row["step"] for row in rows] == STEPS  # main is not a step
     size = sum(f.stat().st_size for f in (hub.root / REPO / "step1000").iterdir())  # weights, config, tokenizer
-    assert rows[0] == {"step": 1000, "format": "bin", "bytes": size, "path": f"{REPO}@step1000"}
+    assert rows[0] == {"step": 1000, "format": "bin", "bytes": size, "path": f"{REPO}@step1000", "name": "step1000"}
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.bin"))
 
 

@@ -23,7 +23,7 @@ import torch
 from ckptavg import __version__, engine, runner, schedule
 from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OptionError, OutputError
 from ckptavg.outputs import check_outputs, check_writable
-from ckptavg.progress import Reporter
+from ckptavg.progress import Reporter, one_line
 from ckptavg.sources import Checkpoint, Source, open_checkpoint, open_run
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.steps import StepRange
@@ -82,13 +82,44 @@ class Options:
 # ---------------------------------------------------------------- planning
 
 
-def _plan_from_run(run: Source, method: str, params: dict[str, Any], windows: list[Window], out: Path) -> Plan:
+NAME_BY = ("step", "revision")  # how a run's outputs are named: OUT/step{N}, or as the run names its newest member
+
+
+def _plan_from_run(
+    run: Source, method: str, params: dict[str, Any], windows: list[Window], out: Path, name_by: str = "step"
+) -> Plan:
+    if name_by not in NAME_BY:
+        raise InvalidArgumentError(f"name_by must be one of {', '.join(NAME_BY)}, got {name_by!r}")
     members = run.checkpoints(s for w in windows for s in w.steps)
-    outputs = [out / f"step{w.end}" for w in windows]
+    if name_by == "step":
+        outputs = [out / f"step{w.end}" for w in windows]
+    else:
+        outputs = [out / name for name in _revision_names(windows, members)]
     plan = Plan(method, params, run.label, windows, members, outputs, origin=dict(run.origin))
     check_inputs_untouched(plan, run.discovered_from)
     check_members(plan)
     return plan
+
+
+def _revision_names(windows: list[Window], members: dict[int, Checkpoint]) -> list[str]:
+    """Each window's output name under ``--name-by revision``: what the run calls its newest member (a Hub
+    revision, a folder's name, a file's stem). A name that cannot be one folder's name, or that two outputs
+    would share (nanoGPT runs keep ckpt.pt in a folder per step), is refused before any weight is read."""
+    names: dict[str, int] = {}
+    for w in windows:
+        c = members[w.steps[-1]]
+        if c.name in ("", ".", "..") or "/" in c.name or not c.name.isprintable():
+            raise OutputError(
+                f"--name-by revision: {one_line(c.label)} is called {c.name!r}, which cannot name an output "
+                "folder; use --name-by step"
+            )
+        if c.name in names:
+            raise OutputError(
+                f"--name-by revision: the outputs at steps {names[c.name]} and {w.end} would both be named "
+                f"{c.name!r}; use --name-by step"
+            )
+        names[c.name] = w.end
+    return list(names)
 
 
 def _given(value: int | None, name: str) -> int | None:
@@ -111,13 +142,15 @@ def plan_lawa(
     interval: int | None = None,
     k_stepsize: int | None = None,
     allow_legacy: bool = False,
+    name_by: str = "step",
 ) -> Plan:
     run = _run(source, allow_legacy)
     spacing = checkpoint_spacing(run.steps())
     nu = _given(k_stepsize, "k_stepsize") or spacing
     every = _given(interval, "interval") or steps.every or spacing
     windows = lawa_windows(run.steps(), steps, k=k, interval=every, nu=nu, source=run.label)
-    return _plan_from_run(run, "lawa", {"k": k, "k_stepsize": nu, "interval": every, "steps": str(steps)}, windows, out)
+    params = {"k": k, "k_stepsize": nu, "interval": every, "steps": str(steps)}
+    return _plan_from_run(run, "lawa", params, windows, out, name_by)
 
 
 def plan_ema(
@@ -129,12 +162,13 @@ def plan_ema(
     interval: int | None = None,
     every: int | None = None,
     allow_legacy: bool = False,
+    name_by: str = "step",
 ) -> Plan:
     run = _run(source, allow_legacy)
     ends = _given(interval, "interval") or steps.every or checkpoint_spacing(run.steps())
     windows = ema_windows(run.steps(), steps, decay=decay, interval=ends, every=every, source=run.label)
     params = {"decay": decay, "interval": ends, "every": every, "steps": str(steps)}
-    return _plan_from_run(run, "ema", params, windows, out)
+    return _plan_from_run(run, "ema", params, windows, out, name_by)
 
 
 def plan_swa(
@@ -146,6 +180,7 @@ def plan_swa(
     every: int | None = None,
     interval: int | None = None,
     allow_legacy: bool = False,
+    name_by: str = "step",
 ) -> Plan:
     run = _run(source, allow_legacy)
     first = steps.start if start is None else start
@@ -153,7 +188,7 @@ def plan_swa(
     ends = _given(interval, "interval") or steps.every or stride
     windows = swa_windows(run.steps(), steps, start=first, every=stride, interval=ends, source=run.label)
     params = {"start": first, "every": stride, "interval": ends, "steps": str(steps)}
-    return _plan_from_run(run, "swa", params, windows, out)
+    return _plan_from_run(run, "swa", params, windows, out, name_by)
 
 
 def plan_avg(
@@ -424,14 +459,15 @@ def _raise_open_file_limit() -> None:
 
 
 def list_checkpoints(source: str | Source, *, allow_legacy: bool = False) -> list[dict[str, Any]]:
-    """Steps of a run with their format, size (on disk, or to download) and where they are."""
+    """Steps of a run with their format, size (on disk, or to download), where they are, and what the run calls
+    them (``name``: a Hub revision, a folder's name, a nanoGPT file's stem; what ``--name-by revision`` uses)."""
     run = _run(source, allow_legacy)
     rows: list[dict[str, Any]] = []
     for s in run.steps():
         try:
             seen = run.listing(s)
         except CkptavgError as e:
-            rows.append({"step": s, "format": "unreadable", "bytes": None, "path": None, "error": str(e)})
+            rows.append({"step": s, "format": "unreadable", "bytes": None, "path": None, "name": None, "error": str(e)})
             continue
-        rows.append({"step": s, "format": seen.format, "bytes": seen.nbytes, "path": seen.where})
+        rows.append({"step": s, "format": seen.format, "bytes": seen.nbytes, "path": seen.where, "name": seen.name})
     return rows

@@ -277,16 +277,48 @@ def _emit_plan(plan: Plan, as_json: bool, budget: int | None = None) -> None:
             )
 
 
+class RevisionPatternType(click.ParamType):
+    """``--revision-pattern``: parsed (sources/revisions.py) before anything is fetched; a bad one is a usage error."""
+
+    name = "PATTERN"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from ckptavg.sources.revisions import RevisionPattern
+
+        if isinstance(value, RevisionPattern):
+            return value
+        try:
+            return RevisionPattern.parse(str(value))
+        except InvalidArgumentError as e:
+            self.fail(str(e), param, ctx)
+
+
+REVISION_PATTERN = RevisionPatternType()
+NAME_BY = click.option(
+    "--name-by",
+    type=click.Choice(["step", "revision"]),
+    default="step",
+    show_default=True,
+    help="Name each output OUT/step{N}, or as the run names the newest checkpoint it averages: its Hub "
+    "revision (OUT/step2000-tokens8B, OUT/ckpt_005), folder (OUT/checkpoint-1000) or nanoGPT file's stem.",
+)
+
+
 def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Where a run is: a local RUN folder, or --repo on the Hub (or a Hub-like --endpoint)."""
     for opt in reversed(
         [
             click.option("--repo", default=None, help="A Hub repository (ORG/NAME) instead of a RUN folder."),
             click.option(
+                "--revision-pattern",
                 "--revision-template",
+                "revision_pattern",
+                type=REVISION_PATTERN,
                 default="step{step}",
                 show_default=True,
-                help="How --repo names the revision of a step, e.g. checkpoint-{step}.",
+                help="How --repo names the revision of each step: literal text, one {step} (or {step:03d}, "
+                "zero-padded) and any {*} (any text but '/'), e.g. checkpoint-{step}, ckpt_{step:03d}, "
+                "step{step}-tokens{*}B. The step is read from the name. --revision-template is its older name.",
             ),
             click.option(
                 "--token",
@@ -340,7 +372,7 @@ def _source(kw: dict[str, Any]) -> Any:
             endpoint=kw["endpoint"],
             token=token,
             cache_dir=kw["cache_dir"],
-            template=kw["revision_template"],
+            pattern=kw["revision_pattern"],
             allow_legacy=kw["allow_legacy_pickle"],
             retry_time=kw["retry_time"],
         )
@@ -428,9 +460,9 @@ def _env_int(name: str, default: int | None = None, minimum: int = 0) -> int:
 
 # The options of each run-based method, named as in its api.plan_* function.
 _METHOD_PARAMS = {
-    "lawa": ("k", "interval", "k_stepsize"),
-    "ema": ("decay", "interval", "every"),
-    "swa": ("start", "every", "interval"),
+    "lawa": ("k", "interval", "k_stepsize", "name_by"),
+    "ema": ("decay", "interval", "every", "name_by"),
+    "swa": ("start", "every", "interval", "name_by"),
 }
 
 
@@ -480,6 +512,7 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
     default=None,
     help="Training steps between window ends [default: the run's checkpoint spacing].",
 )
+@NAME_BY
 @_write_options
 def lawa(**kw: Any) -> None:
     """LAWA: at every INTERVAL steps t, average the k checkpoints t-(k-1)*nu, ..., t-nu, t.
@@ -511,6 +544,7 @@ def lawa(**kw: Any) -> None:
 )
 @click.option("--interval", type=STRIDE, default=None, help="Steps between outputs [default: checkpoint spacing].")
 @click.option("--every", type=STRIDE, default=None, help="Use only checkpoints START, START+EVERY, ... [default: all].")
+@NAME_BY
 @_write_options
 def ema(**kw: Any) -> None:
     """EMA over the checkpoint sequence: ema = decay*ema + (1-decay)*x, written at every INTERVAL steps.
@@ -528,6 +562,7 @@ def ema(**kw: Any) -> None:
 @click.option("--start", type=FIRST_STEP, default=None, help="First averaged checkpoint [default: START of --steps].")
 @click.option("--every", type=STRIDE, default=None, help="Steps between averaged checkpoints [default: spacing].")
 @click.option("--interval", type=STRIDE, default=None, help="Steps between outputs [default: --every].")
+@NAME_BY
 @_write_options
 def swa(**kw: Any) -> None:
     """SWA: the uniform mean of checkpoints START, START+EVERY, ... up to each output step.
@@ -576,6 +611,7 @@ def avg(**kw: Any) -> None:
 @click.option("--start", type=FIRST_STEP, default=None, help="swa: first averaged checkpoint.")
 @click.option("--every", type=STRIDE, default=None, help="ema/swa: steps between used checkpoints.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True)
+@NAME_BY
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per output.")
 @click.option("--allow-legacy-pickle", is_flag=True)
 def plan(
@@ -588,6 +624,7 @@ def plan(
     start: int | None,
     every: int | None,
     out: Path,
+    name_by: str,
     as_json: bool,
     allow_legacy_pickle: bool,
     **source: Any,

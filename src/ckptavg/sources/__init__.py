@@ -2,7 +2,8 @@
 ``Checkpoint`` headers and ``Reader`` objects, no more.
 
 Local runs (``local.py``): a folder of ``step{N}/`` or ``checkpoint-{N}/`` folders, or nanoGPT ``ckpt.pt``
-files (a folder searched two levels deep, or a glob). Hub runs (``hub.py``): one revision per step.
+files (a folder searched two levels deep, or a glob). Hub runs (``hub.py``): one revision per step, its
+name matched by a ``RevisionPattern`` (``revisions.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from ckptavg.sources.checkpoint import Checkpoint, EntryReader, FileTable, Reader, TensorEntry, TensorInfo
 from ckptavg.sources.local import LocalRun, open_checkpoint, open_run
+from ckptavg.sources.revisions import RevisionPattern
 from ckptavg.sources.source import Listing, Source
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "Listing",
     "LocalRun",
     "Reader",
+    "RevisionPattern",
     "Source",
     "TensorEntry",
     "TensorInfo",
@@ -35,4 +38,5 @@ def open_hub_run(repo: str, **options: Any) -> Source:
     from ckptavg.tokens import clean_token
 
     options["token"] = clean_token(options.get("token"), "the token argument")  # a header, not a traceback
-    return HubSource(repo, **options)  # endpoint, token, cache_dir, template, allow_legacy, retry_time
+    # endpoint, token, cache_dir, pattern (a revisions.RevisionPattern), allow_legacy, retry_time
+    return HubSource(repo, **options)

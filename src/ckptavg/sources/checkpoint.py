@@ -119,6 +119,7 @@ class Checkpoint:
     meta: dict[str, object] = field(default_factory=dict)  # format specifics (nanoGPT model_args ...)
     remote: Remote | None = None  # set when the weight files are still on a Hub
     path: Path | None = None  # the local folder or file it was read from
+    name: str = ""  # what the run calls it: a Hub revision, a step folder's name, a nanoGPT file's stem
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:

@@ -73,4 +73,5 @@ def open_hf_checkpoint(folder: Path, step: int, *, allow_legacy: bool = False) -
             raise InvalidCheckpointError(folder, f"tensor '{sorted(dup)[0]}' appears in more than one shard")
         entries.update(part)
         aliases.update(part_aliases)
-    return Checkpoint(step, str(folder), fmt, entries, aliases, list(shards), extra_files(folder), path=folder)
+    files, extras = list(shards), extra_files(folder)
+    return Checkpoint(step, str(folder), fmt, entries, aliases, files, extras, path=folder, name=folder.name)

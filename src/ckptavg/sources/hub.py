@@ -32,18 +32,19 @@ from urllib.parse import quote, urldefrag, urljoin, urlsplit
 from ckptavg.errors import (
     CacheDirError,
     HubError,
-    InvalidArgumentError,
     InvalidCheckpointError,
     RevisionMovedError,
     StepNotFoundError,
     UnsafeServerValueError,
 )
+from ckptavg.progress import one_line
 from ckptavg.sources.checkpoint import Checkpoint, TensorEntry, TensorInfo
 from ckptavg.sources.extras import is_extra_file
 from ckptavg.sources.hf_folder import WEIGHT_FILES, open_weight_file
 from ckptavg.sources.http_range import RangeReader
 from ckptavg.sources.index import MAX_INDEX_BYTES, shard_files
 from ckptavg.sources.retry import BodyCutShort, Cancelled, RetryPolicy
+from ckptavg.sources.revisions import DEFAULT_PATTERN, RevisionPattern
 from ckptavg.sources.safetensors_file import read_safetensors_header
 from ckptavg.sources.source import Listing
 from ckptavg.sources.torch_file import read_torch_structure, state_dict_entries
@@ -64,13 +65,6 @@ _ETAG = re.compile(r"^[0-9A-Za-z_-][0-9A-Za-z._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
-    if "{step}" not in template:
-        raise InvalidArgumentError(f"--revision-template {template!r} needs a {{step}} placeholder")
-    head, _, tail = template.partition("{step}")
-    return re.compile(f"^{re.escape(head)}(\\d+){re.escape(tail)}$")
-
-
 class HubSource:
     """One repository (implements ``Source``): its step revisions, and how to plan and fetch each."""
 
@@ -81,7 +75,7 @@ class HubSource:
         endpoint: str | None = None,
         token: str | None = None,
         cache_dir: str | None = None,
-        template: str = "step{step}",
+        pattern: RevisionPattern = DEFAULT_PATTERN,
         allow_legacy: bool = False,
         retry_time: float | None = None,
         retry: RetryPolicy | None = None,
@@ -91,7 +85,7 @@ class HubSource:
         self.repo = repo
         self.label = repo
         self.discovered_from: str | None = None  # nothing local is discovered as input
-        self.origin: dict[str, Any] = {"repo": repo, "endpoint": endpoint, "revision_pattern": template}
+        self.origin: dict[str, Any] = {"repo": repo, "endpoint": endpoint, "revision_pattern": pattern.text}
         self.retry = retry or RetryPolicy.with_total(retry_time)
         self.endpoint = endpoint
         self.token = token
@@ -101,7 +95,6 @@ class HubSource:
         self._held: dict[tuple[str, str], list[int]] = {}  # (commit, file) -> its locks, held while in use
         from huggingface_hub import constants
 
-        pattern = _template_regex(template)
         self.offline = bool(constants.HF_HUB_OFFLINE)
         self.repo_cache = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
         if self.offline:  # HF_HUB_OFFLINE=1: the revisions this cache has seen, as the client recorded them
@@ -116,17 +109,16 @@ class HubSource:
             )
             names = {b.name: b.target_commit for b in [*refs.branches, *refs.tags]}
             source = "the refs listing"
-        self.revisions: dict[int, tuple[str, str]] = {}
         for name, commit in names.items():
             _check_path(name, f"{repo}: revision name", source)
             _check_commit(commit, f"{repo}@{name}", source)
-            m = pattern.match(name)
-            if m:
-                self.revisions[int(m.group(1))] = (name, commit)
-        if not self.revisions and self.offline:
+        # step -> (revision name, commit): the step is read from the name (revisions.py)
+        self.revisions = {s: (n, names[n]) for s, n in pattern.steps(names, repo).items()}
+        if not names and self.offline:
             raise HubError(f"{repo}: HF_HUB_OFFLINE is set and {self.repo_cache} holds no revision of it", repo=repo)
         if not self.revisions:
-            raise HubError(f"{repo}: no revision matches {template!r} (use --revision-template)", repo=repo)
+            has = f"{'its cache holds' if self.offline else 'it has'} {_count(len(names))}"
+            raise HubError(_no_match(repo, pattern, names, has), repo=repo)
 
     def _call(self, fn: Any, *, what: str) -> Any:
         from huggingface_hub.errors import (
@@ -577,7 +569,8 @@ class HubSource:
         fmt, weights = self.weight_files(step, sizes)
         nbytes = sum(n for f, n in sizes.items() if f in weights or is_extra_file(f))
         name, _ = self.revisions[step]
-        return Listing(fmt + (f" ({len(weights)} shards)" if len(weights) > 1 else ""), nbytes, f"{self.repo}@{name}")
+        shards = f" ({len(weights)} shards)" if len(weights) > 1 else ""
+        return Listing(fmt + shards, nbytes, f"{self.repo}@{name}", name)
 
     def plan_checkpoint(self, step: int) -> Checkpoint:
         """The checkpoint of ``step`` from its files' headers: every tensor's name, shape and dtype, so a
@@ -622,7 +615,7 @@ class HubSource:
             planned=planned,
         )
         meta: dict[str, object] = {"hub": {"repo": self.repo, "revision": name, "commit": commit}}
-        return Checkpoint(step, label, fmt, entries, aliases, meta=meta, remote=remote)
+        return Checkpoint(step, label, fmt, entries, aliases, meta=meta, remote=remote, name=name)
 
 
 class HubFiles:
@@ -687,6 +680,18 @@ def _evict(link: Path) -> None:
     snapshots = blob.parent.parent / "snapshots"
     if not any(p.is_symlink() and p.resolve() == blob for p in snapshots.rglob("*")):
         blob.unlink(missing_ok=True)
+
+
+def _count(n: int) -> str:
+    return "1 revision" if n == 1 else f"{n} revisions"
+
+
+def _no_match(repo: str, pattern: RevisionPattern, names: Iterable[str], has: str) -> str:
+    """What a repository whose revisions the pattern misses has instead: a few of their names, sorted."""
+    listed = sorted(names)
+    shown = ", ".join(one_line(n) for n in listed[:5])
+    shown = f", e.g. {shown}, ..." if len(listed) > 5 else f": {shown}" if listed else ""
+    return f"{repo}: no revision matches {pattern.text!r} (--revision-pattern); {has}{shown}"
 
 
 # ---------------------------------------------------------------- values from the server, before paths

@@ -56,7 +56,7 @@ class LocalRun:
     def listing(self, step: int) -> Listing:
         c = self.checkpoint(step)
         fmt = c.format + (f" ({len(c.files)} shards)" if len(c.files) > 1 else "")
-        return Listing(fmt, sum(f.stat().st_size for f in c.files), c.label)
+        return Listing(fmt, sum(f.stat().st_size for f in c.files), c.label, c.name)
 
 
 def open_checkpoint(path: Path, step: int = 0, *, allow_legacy: bool = False) -> Checkpoint:

@@ -36,7 +36,7 @@ def open_nanogpt_checkpoint(path: Path, *, allow_legacy: bool = False) -> Checkp
     iter_num = _step(obj["iter_num"], path)
     entries, aliases = state_dict_entries(path, obj["model"], offset, strip_prefix=COMPILE_PREFIX)
     meta = {k: obj[k] for k in ("model_args", "config") if isinstance(obj.get(k), dict)}
-    return Checkpoint(iter_num, str(path), "nanogpt", entries, aliases, [path], {}, meta, path=path)
+    return Checkpoint(iter_num, str(path), "nanogpt", entries, aliases, [path], {}, meta, path=path, name=path.stem)
 
 
 @dataclass(frozen=True)

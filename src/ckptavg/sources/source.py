@@ -25,6 +25,7 @@ class Listing:
     format: str  # "safetensors", "bin", "nanogpt", with " (N shards)" when sharded
     nbytes: int  # on disk, or to download (weights, config and tokenizer files)
     where: str  # a path, or repo@revision
+    name: str  # what the run calls it (Checkpoint.name): a Hub revision, a folder's name, a file's stem
 
 
 class Source(Protocol):
