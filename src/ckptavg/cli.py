@@ -207,7 +207,7 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 type=SIZE,
                 default="5GB",
                 show_default=True,
-                help="Split output weights into shards of at most this size.",
+                help="Split output weights into shards of at most this size (not with --format ckpt).",
             ),
             click.option(
                 "--format",
@@ -215,7 +215,21 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(["safetensors", "ckpt"]),
                 default="safetensors",
                 show_default=True,
-                help="ckpt: also write nanoGPT's ckpt.pt (nanoGPT sources only).",
+                help="ckpt: also write nanoGPT's ckpt.pt (nanoGPT sources only); one file by nanoGPT's design, "
+                "so --max-shard-size does not apply.",
+            ),
+            click.option(
+                "--tokenizer",
+                metavar="DIR|REPO",
+                default=None,
+                help="Put these tokenizer files in every output instead of the run's: a folder, or a Hub repo "
+                "(only its tokenizer files are fetched, with --endpoint, --token, --cache-dir).",
+            ),
+            click.option(
+                "--hash",
+                "hash_inputs",
+                is_flag=True,
+                help="Record the sha256 of every local input file in ckptavg.json (reads each file once more).",
             ),
             click.option("--allow-nonfinite", is_flag=True, help="Average NaN/Inf inputs instead of refusing them."),
             click.option(
@@ -340,6 +354,24 @@ def _source(kw: dict[str, Any]) -> Any:
     return kw["run"]
 
 
+def _tokenizer(kw: dict[str, Any]) -> Any:
+    """--tokenizer, resolved: a folder's tokenizer files, or a Hub repo's, fetched now (before any work)."""
+    if kw.get("tokenizer") is None:
+        return None
+    from ckptavg.sources.extras import resolve_tokenizer
+
+    token = None
+    if not Path(kw["tokenizer"]).expanduser().is_dir():  # a repo: the Hub options of the command apply
+        if kw.get("token") is not None and kw.get("token_file") is not None:
+            raise click.UsageError("give --token or --token-file, not both")
+        token = resolve_token(kw.get("token"), token_file=kw.get("token_file"))
+        _redactor(click.get_current_context()).add(token)
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    return resolve_tokenizer(kw["tokenizer"], endpoint=kw.get("endpoint"), token=token, cache_dir=kw.get("cache_dir"))
+
+
 def _options(kw: dict[str, Any]) -> Any:
     from ckptavg import api
 
@@ -353,6 +385,8 @@ def _options(kw: dict[str, Any]) -> Any:
         write_ckpt=kw["fmt"] == "ckpt",
         chunk=kw["chunk"],
         disk_budget=kw["disk_budget"],
+        tokenizer=_tokenizer(kw),
+        hash_inputs=kw["hash_inputs"],
     )
 
 
@@ -435,11 +469,12 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
     from ckptavg.progress import Reporter
 
     task = task_from_env(kw["task_index"], kw["num_tasks"])  # a bad SLURM variable fails before any planning
+    opts = _options(kw)  # --tokenizer is checked (and fetched) here, before any planning
     plan = api.task_share(_plan(name, kw), *task)
     if kw["dry_run"]:
         _emit_plan(plan, kw["as_json"], kw["disk_budget"])
         return
-    for path in api.average(plan, _options(kw), Reporter(quiet=kw["quiet"])):
+    for path in api.average(plan, opts, Reporter(quiet=kw["quiet"])):
         click.echo(json.dumps({"out": str(path)}) if kw["as_json"] else str(path))
 
 
@@ -890,10 +925,31 @@ def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 help="JSON results file (a CSV is written beside it); models already in it are skipped. "
                 "Several runs may share one (a job array): rows are merged under a lock.",
             ),
+            click.option(
+                "--tokenizer",
+                metavar="DIR|REPO",
+                default=None,
+                help="Read --data with this tokenizer (a folder, or a Hub repo: HF_ENDPOINT, HF_TOKEN) for models "
+                "that have none; a model's own tokenizer comes first.",
+            ),
         ]
     ):
         f = opt(f)
     return f
+
+
+def _eval_tokenizer(spec: str | None) -> Path | None:
+    """eval's --tokenizer: the folder its tokenizer is loaded from (a Hub repo's fetched now, before any
+    model is scored; huggingface_hub reads HF_ENDPOINT and HF_TOKEN itself)."""
+    if spec is None:
+        return None
+    from ckptavg.sources.extras import resolve_tokenizer
+
+    if not Path(spec).expanduser().is_dir():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    return cast(Path, resolve_tokenizer(spec, endpoint=os.environ.get("HF_ENDPOINT") or None).folder)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -920,6 +976,7 @@ def eval_(
     batch_size: int,
     device: str,
     results: Path | None,
+    tokenizer: str | None,
 ) -> None:
     """Held-out mean token loss and perplexity of model folders, grouped by method and ordered by step.
 
@@ -941,6 +998,7 @@ def eval_(
     if disagreement and results is not None:
         raise click.UsageError("--disagreement prints one number and writes no --results; leave one out")
     sl = _eval_slice(data, max_tokens, seq_len)
+    tok = _eval_tokenizer(tokenizer)
     folders = list(models)
     if run is not None:
         from ckptavg.errors import StepNotFoundError
@@ -965,7 +1023,7 @@ def eval_(
     if disagreement:
         if len(folders) != 2:
             raise click.UsageError("--disagreement compares exactly two models")
-        share = evaluate.disagreement(folders[0], folders[1], sl, batch_size=batch_size, device=device)
+        share = evaluate.disagreement(folders[0], folders[1], sl, batch_size=batch_size, device=device, tokenizer=tok)
         click.echo(f"{share:.6f}")
         return
     if not folders:
@@ -975,7 +1033,7 @@ def eval_(
         if table.has(folder):
             log.log(f"{folder}: already in {results}; skipped")
             continue
-        table.add(evaluate.evaluate(folder, sl, batch_size=batch_size, device=device))
+        table.add(evaluate.evaluate(folder, sl, batch_size=batch_size, device=device, tokenizer=tok))
         log.log(f"evaluated {folder}")
     _print_rows(table.sorted_rows())
 
@@ -1017,6 +1075,7 @@ def interpolate(
     batch_size: int,
     device: str,
     results: Path | None,
+    tokenizer: str | None,
     plot_to: Path | None,
     tmp_dir: Path | None,
 ) -> None:
@@ -1045,6 +1104,7 @@ def interpolate(
     if plot_to is not None:
         check_plot_target(plot_to)
     sl = _eval_slice(data, max_tokens, seq_len)
+    tok = _eval_tokenizer(tokenizer)
     if tmp_dir is None:
         import tempfile
 
@@ -1058,7 +1118,7 @@ def interpolate(
             out = tmp / f"alpha{i}"
             plan = api.plan_avg([str(a), str(b)], weights=[alpha, 1 - alpha], out=out)
             api.average(plan)
-            row = evaluate.evaluate(out, sl, batch_size=batch_size, device=device)
+            row = evaluate.evaluate(out, sl, batch_size=batch_size, device=device, tokenizer=tok)
             shutil.rmtree(out)  # one model on disk at a time
             rows.append({**row, "alpha": alpha, "model": f"{alpha:g}*{a} + {1 - alpha:g}*{b}"})
     if results is not None:
