@@ -155,6 +155,18 @@ def test_a_changed_input_is_named(run: Path, tmp_path: Path):
     assert lawa(run, out).exit_code == 0  # the same plan again: skipped
 
 
+def test_avg_names_a_changed_member_by_its_path(run: Path, tmp_path: Path):
+    args = ["avg", run / "step1000", run / "step2000", "--out", tmp_path / "soup"]
+    assert invoke(*args).exit_code == 0
+    weights = run / "step1000" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    msg = error_line(invoke(*args))
+    assert msg == (
+        f"{tmp_path / 'soup'}: made from other inputs ({run / 'step1000'}: model.safetensors changed mtime); "
+        "pass --overwrite to replace it"
+    )
+
+
 def test_other_parameters_are_named(run: Path, tmp_path: Path):
     out = tmp_path / "lawa"
     assert lawa(run, out).exit_code == 0
@@ -198,7 +210,7 @@ def test_hub_member_commit_change(run: Path):
     def rec(commit: str) -> dict:  # type: ignore[type-arg]
         files = [{"repo": "o/r", "revision": "step1000", "commit": commit}]
         member = {"step": 1000, "weight": 1.0, "path": "o/r@step1000", "files": files}
-        return {"method": "avg", "source": "s", "members": [member]}
+        return {"method": "lawa", "source": "o/r", "step": 1000, "members": [member]}
 
     assert api.plan_changes(rec("a" * 40), rec("b" * 40)) == (
         f"made from other inputs (step 1000: o/r@step1000 is now commit {'b' * 12}, was {'a' * 12})"

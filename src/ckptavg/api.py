@@ -398,7 +398,7 @@ def plan_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
         was, now = old_params.get(key), new_params.get(key)
         if was != now:
             return f"made with other parameters ({key} was {_shown(was)}, now {_shown(now)})"
-    inputs = _member_changes(old.get("members") or [], new["members"])
+    inputs = _member_changes(old.get("members") or [], new["members"], by_step=new.get("step") is not None)
     if inputs:
         return f"made from other inputs ({inputs})"
     for key, what in (("accumulate", "--accumulate"), ("dtype", "--dtype"), ("model_args", "model_args")):
@@ -419,11 +419,12 @@ def plan_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "made by another plan"
 
 
-def _member_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
-    """The first member whose inputs differ, said for one line; '' when the members are the same."""
+def _member_changes(old: list[dict[str, Any]], new: list[dict[str, Any]], *, by_step: bool) -> str:
+    """The first member whose inputs differ, said for one line; '' when the members are the same. Members
+    are named by step, or by path where they have none (``avg``: the step field is a position)."""
 
     def who(m: dict[str, Any]) -> str:
-        return f"step {m.get('step')}" if new and all(_is_step(x) for x in (old or new)) else str(m.get("path"))
+        return f"step {m.get('step')}" if by_step else str(m.get("path"))
 
     old_steps, new_steps = [m.get("step") for m in old], [m.get("step") for m in new]
     if old_steps != new_steps:
@@ -446,10 +447,6 @@ def _member_changes(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str
     if [m.get("weight") for m in old] != [m.get("weight") for m in new]:
         return "members' weights differ"
     return ""
-
-
-def _is_step(member: dict[str, Any]) -> bool:
-    return isinstance(member.get("step"), int)
 
 
 def _file_key(f: dict[str, Any]) -> str:
