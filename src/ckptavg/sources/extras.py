@@ -11,6 +11,11 @@ there or points into the ``blobs`` folder of the huggingface_hub cache that the 
 (every file of a snapshot is such a link). A symlink elsewhere (``config.json -> ~/.ssh/id_rsa``) is
 refused by name rather than skipped: a config that is silently missing makes an output that does not
 load.
+
+The tokenizer's names on the list (``TOKENIZER_FILES``) may come from elsewhere: ``--tokenizer DIR|REPO``
+(``resolve_tokenizer``) takes them from a folder by the same rule, or from a Hub repository (only those
+names are fetched), for every output, in place of the run's; ``convert --tokenizer`` and ``eval
+--tokenizer`` use the same rule.
 """
 
 from __future__ import annotations
