@@ -10,6 +10,7 @@ at the chosen commit point (a test-only ``sitecustomize``), and the same command
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -36,7 +37,16 @@ SHAPES = {"a": (5000,), "b": (3,), "c": (4100,), "d": (), "e": (2500,)}
 
 
 def folder_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes; ckptavg.json's without ``created`` (when the run began: differs between runs)."""
+
+    def content(p: Path) -> bytes:
+        if p.name != "ckptavg.json":
+            return p.read_bytes()
+        record = json.loads(p.read_bytes())
+        record.pop("created", None)
+        return json.dumps(record, sort_keys=True).encode()
+
+    return {str(p.relative_to(root)): content(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 class PageCache(OsFileOps):

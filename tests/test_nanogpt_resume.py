@@ -203,8 +203,8 @@ def test_another_optimizer_choice_is_another_plan(run: Path, tmp_path: Path):
     again = lawa(run, tmp_path / "out", "--optimizer", "none")
     assert again.exit_code == 0 and "skipped" in again.stderr
     msg = error_line(lawa(run, tmp_path / "out"))
-    assert msg == f"{tmp_path / 'out' / 'step8'}: already exists and was not made by this plan; " + (
-        "pass --overwrite to replace it"
+    assert msg == f"{tmp_path / 'out' / 'step8'}: made with other options (--format ckpt --optimizer none, " + (
+        "now --format ckpt --optimizer newest); pass --overwrite to replace it"
     )
     assert lawa(run, tmp_path / "out", "--overwrite").exit_code == 0
     assert "optimizer" in torch.load(tmp_path / "out" / "step8" / "ckpt.pt", weights_only=True)

@@ -10,9 +10,12 @@ checks that every member agrees on tensor names, shapes and dtypes, so bad input
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import resource
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +28,7 @@ from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, Op
 from ckptavg.outputs import check_outputs, check_writable
 from ckptavg.progress import Reporter, one_line
 from ckptavg.sources import Checkpoint, Source, open_checkpoint, open_run
+from ckptavg.sources.extras import Tokenizer, has_tokenizer, sha256_file
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.steps import StepRange
 from ckptavg.windows import (
@@ -77,6 +81,8 @@ class Options:
     optimizer: str = "newest"  # with write_ckpt: the newest member's optimizer state in ckpt.pt, or "none"
     chunk: int | None = None  # elements per chunk (tests use small ones); default: engine.CHUNK_BYTES
     disk_budget: int | None = None  # Hub runs: bytes of downloads held at once; default: one window's files
+    tokenizer: Tokenizer | None = None  # replaces every output's tokenizer files (extras.resolve_tokenizer)
+    hash_inputs: bool = False  # record the sha256 of every local input file (one more read of each)
 
 
 # ---------------------------------------------------------------- planning
@@ -313,7 +319,7 @@ def output_states(plan: Plan, opts: Options | None = None) -> list[str]:
     states = []
     for j, out in enumerate(plan.outputs):
         if out.exists() or out.is_symlink():  # a dangling symlink has the name too
-            same = _finished_plan_id(out) == provenance(plan, j, opts)["plan_id"]
+            same = _finished_plan_id(out) == plan_record(plan, j, opts)["plan_id"]
             states.append("complete" if same else "other")
         elif temp_paths(out):
             states.append("partial")
@@ -336,7 +342,10 @@ def array_spec(tasks: list[int]) -> str:
 # ---------------------------------------------------------------- provenance
 
 
-def provenance(plan: Plan, j: int, opts: Options) -> dict[str, Any]:
+def plan_record(plan: Plan, j: int, opts: Options) -> dict[str, Any]:
+    """What decides the bytes of output ``j``, and its ``plan_id`` (a hash of the rest): the record each
+    weight file's metadata carries, the same for the same plan whichever run made it (a task, a resumed
+    run), so that a rerun recognises the output and a resumed file keeps its header's size."""
     w = plan.windows[j]
     members = []
     for m, weight in zip(w.steps, w.weights, strict=True):
@@ -364,33 +373,209 @@ def provenance(plan: Plan, j: int, opts: Options) -> dict[str, Any]:
         record["model_args"] = newest.meta["model_args"]
     if opts.write_ckpt:  # part of the output: a run with other --format/--optimizer is another plan
         record["ckpt"] = {"optimizer": opts.optimizer}
+    if opts.tokenizer is not None:  # other tokenizer files make another output (none given: as before)
+        record["tokenizer"] = opts.tokenizer.digests
     record["plan_id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
 
 
-def _finished_plan_id(path: Path) -> str | None:
+def provenance(plan: Plan, j: int, opts: Options, digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """Output ``j``'s ckptavg.json: ``plan_record``, and what does not decide its bytes (outside the
+    plan_id, so resuming and skipping never depend on it): when and where the run was made (``created``,
+    UTC; ``cwd``, against which relative member paths resolve), where the run is (``origin``: its
+    folder, or a Hub repo, endpoint and revision pattern), where a ``--tokenizer`` came from, and with
+    ``digests`` (path -> sha256, ``--hash``) each local file's content hash."""
+    record = copy.deepcopy(plan_record(plan, j, opts))
+    for member in record["members"]:
+        for f in member["files"]:
+            if digests and f.get("path") in digests:
+                f["sha256"] = digests[f["path"]]
+    record["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record["cwd"] = os.getcwd()
+    record["origin"] = dict(plan.origin)
+    if opts.tokenizer is not None:
+        record["tokenizer_origin"] = dict(opts.tokenizer.origin)
+    return record
+
+
+def input_digests(plan: Plan, outputs: Sequence[int]) -> dict[str, str]:
+    """sha256 of every local weight file that the ``outputs`` read (Hub members are pinned by commit)."""
+    files = sorted({str(f) for j in outputs for m in plan.windows[j].steps for f in _local_files(plan.members[m])})
+    return {f: sha256_file(Path(f)) for f in files}
+
+
+def _local_files(c: Checkpoint) -> list[Path]:
+    return [] if "hub" in c.meta else list(c.files)
+
+
+def _finished_record(path: Path) -> dict[str, Any] | None:
+    """The ckptavg.json of a folder an averaging made, or None (absent, unreadable, someone else's, or
+    a ``convert``ed copy, which carries the plan id of the weights it came from)."""
     try:
-        return json.loads((path / PROVENANCE_FILE).read_text()).get("plan_id")
-    except (OSError, ValueError, AttributeError):
+        record = json.loads((path / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
         return None
+    if not isinstance(record, dict) or record.get("tool") != "ckptavg" or "converted" in record:
+        return None
+    return record if isinstance(record.get("plan_id"), str) else None
+
+
+def _finished_plan_id(path: Path) -> str | None:
+    record = _finished_record(path)
+    return None if record is None else record["plan_id"]
+
+
+def plan_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Why an output made by another plan (``old``, its ckptavg.json) is not this plan's (``new``), as a
+    phrase for one line: ``made from other inputs (step 2000: model.safetensors changed size)``. Pure."""
+    for key in ("method", "source"):
+        if old.get(key) != new.get(key):
+            return f"made by another plan ({key} was {_shown(old.get(key))}, now {_shown(new.get(key))})"
+    old_params, new_params = old.get("params") or {}, new.get("params") or {}
+    for key in sorted(set(old_params) | set(new_params)):
+        was, now = old_params.get(key), new_params.get(key)
+        if was != now:
+            return f"made with other parameters ({key} was {_shown(was)}, now {_shown(now)})"
+    inputs = _member_changes(old.get("members") or [], new["members"], by_step=new.get("step") is not None)
+    if inputs:
+        return f"made from other inputs ({inputs})"
+    for key, what in (("accumulate", "--accumulate"), ("dtype", "--dtype"), ("model_args", "model_args")):
+        if old.get(key) != new.get(key):
+            return f"made with other options ({what} was {_shown(old.get(key))}, now {_shown(new.get(key))})"
+    if old.get("ckpt") != new.get("ckpt"):
+        return f"made with other options ({_ckpt_options(old.get('ckpt'))}, now {_ckpt_options(new.get('ckpt'))})"
+    if old.get("tokenizer") != new.get("tokenizer"):
+        changed = sorted(
+            n for n in set(old.get("tokenizer") or {}) | set(new.get("tokenizer") or {})
+            if (old.get("tokenizer") or {}).get(n) != (new.get("tokenizer") or {}).get(n)
+        )  # fmt: skip
+        if not new.get("tokenizer"):
+            return "made with --tokenizer (none given now)"
+        if not old.get("tokenizer"):
+            return "made with the run's own tokenizer (--tokenizer given now)"
+        return f"made with another tokenizer ({', '.join(changed)} differ)"
+    if old.get("version") != new.get("version"):
+        return f"made by ckptavg {old.get('version')} (this is {new.get('version')})"
+    return "made by another plan"
+
+
+def _ckpt_options(ckpt: object) -> str:
+    if isinstance(ckpt, dict):
+        return f"--format ckpt --optimizer {ckpt.get('optimizer')}"
+    return "--format safetensors"
+
+
+def _member_changes(old: list[dict[str, Any]], new: list[dict[str, Any]], *, by_step: bool) -> str:
+    """The first member whose inputs differ, said for one line; '' when the members are the same. Members
+    are named by step, or by path where they have none (``avg``: the step field is a position)."""
+
+    def who(m: dict[str, Any]) -> str:
+        return f"step {m.get('step')}" if by_step else str(m.get("path"))
+
+    old_steps, new_steps = [m.get("step") for m in old], [m.get("step") for m in new]
+    if old_steps != new_steps:
+        return f"members were {_span(old, who)}, now {_span(new, who)}"
+    for o, n in zip(old, new, strict=True):
+        if o.get("path") != n.get("path"):
+            return f"{who(n)}: read from {n.get('path')}, was {o.get('path')}"
+        o_files, n_files = o.get("files") or [], n.get("files") or []
+        o_by, n_by = {_file_key(f): f for f in o_files}, {_file_key(f): f for f in n_files}
+        if o_by.keys() != n_by.keys():
+            return f"{who(n)}: files were {', '.join(sorted(o_by))}, now {', '.join(sorted(n_by))}"
+        for key in sorted(n_by):
+            a, b = o_by[key], n_by[key]
+            if "commit" in b and a.get("commit") != b.get("commit"):
+                return f"{who(n)}: {key} is now commit {str(b['commit'])[:12]}, was {str(a.get('commit'))[:12]}"
+            changed = [k for k in ("size", "mtime_ns") if a.get(k) != b.get(k)]
+            if changed:
+                what = "size/mtime" if len(changed) == 2 else "size" if changed[0] == "size" else "mtime"
+                return f"{who(n)}: {Path(key).name} changed {what}"
+    if [m.get("weight") for m in old] != [m.get("weight") for m in new]:
+        return "members' weights differ"
+    return ""
+
+
+def _file_key(f: dict[str, Any]) -> str:
+    return str(f.get("path") or f"{f.get('repo')}@{f.get('revision')}")
+
+
+def _span(members: list[dict[str, Any]], who: Any) -> str:
+    if not members:
+        return "none"
+    if len(members) <= 2:
+        return " and ".join(who(m) for m in members)
+    return f"{who(members[0])} .. {who(members[-1])} ({len(members)})"
+
+
+def _shown(value: object) -> str:
+    return json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
 
 
 # ---------------------------------------------------------------- execution
 
 
-def decide_outputs(plan: Plan, opts: Options, states: Sequence[str]) -> list[int]:
+def decide_outputs(plan: Plan, opts: Options, states: Sequence[str], changes: Sequence[str | None] = ()) -> list[int]:
     """Which outputs a run makes, from their ``output_states``: the complete ones are skipped (unless
-    ``overwrite``), and a folder that another plan made is refused (unless ``overwrite``). Pure."""
+    ``overwrite``), and a folder that another plan made is refused (unless ``overwrite``), saying what
+    differs where ``changes`` (by output: ``output_changes``) knows. Pure."""
     todo = []
     for j, state in enumerate(states):
         if state == "complete" and not opts.overwrite:
             continue
         if state == "other" and not opts.overwrite:
-            raise OutputError(
-                f"{plan.outputs[j]}: already exists and was not made by this plan; pass --overwrite to replace it"
-            )
+            why = changes[j] if j < len(changes) else None
+            if why is None:
+                raise OutputError(
+                    f"{plan.outputs[j]}: already exists and was not made by this plan; pass --overwrite to replace it"
+                )
+            raise OutputError(f"{plan.outputs[j]}: {why}; pass --overwrite to replace it")
         todo.append(j)
     return todo
+
+
+def output_changes(plan: Plan, opts: Options, states: Sequence[str]) -> list[str | None]:
+    """For each output in state ``other`` that an averaging made (its ckptavg.json is ours): what differs
+    from this plan (``plan_changes``); None for the rest, and for folders ckptavg did not make."""
+    found: list[str | None] = []
+    for j, state in enumerate(states):
+        old = _finished_record(plan.outputs[j]) if state == "other" else None
+        found.append(None if old is None else plan_changes(old, plan_record(plan, j, opts)))
+    return found
+
+
+def touch_output(out: Path) -> None:
+    """Mark a complete output as up to date (its folder and ckptavg.json get the current time), so that
+    make, which compares modification times, sees it newer than its inputs. Only a real folder that an
+    averaging made: never through a symlink, never someone else's folder."""
+    if out.is_symlink() or not out.is_dir() or _finished_record(out) is None:
+        return
+    try:
+        os.utime(out / PROVENANCE_FILE, follow_symlinks=False)
+        os.utime(out, follow_symlinks=False)
+    except OSError:  # a read-only copy of a finished output is still finished: make will say the rest
+        pass
+
+
+def tokenless_warning(plan: Plan, outputs: Sequence[int], opts: Options) -> str | None:
+    """The warning for outputs that will have no tokenizer file (none among the files their newest
+    member brings, and no --tokenizer), or None."""
+    if opts.tokenizer is not None:
+        return None
+    newest = {j: plan.members[plan.windows[j].steps[-1]] for j in outputs}
+    bare = [plan.outputs[j] for j in outputs if not has_tokenizer(_extra_names(newest[j]))]
+    if not bare:
+        return None
+    more = f" and {len(bare) - 1} more output{'s' * (len(bare) > 2)}" if len(bare) > 1 else ""
+    whose = "its last checkpoint has none" if plan.by_position else "the run has none"
+    return (
+        f"{bare[0]}{more} will have no tokenizer ({whose}); pass --tokenizer DIR|REPO so that transformers "
+        f"and lm-eval can use it"
+    )
+
+
+def _extra_names(c: Checkpoint) -> set[str]:
+    """The extra files (config, tokenizer) an output takes from ``c``: on disk, or still on the Hub."""
+    return set(c.extra_files) | set(c.remote.extras if c.remote is not None else ())
 
 
 def check_inputs_untouched(plan: Plan, run_source: str | None = None) -> None:
@@ -422,16 +607,27 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
             )
     device = _device(opts.device)
     _raise_open_file_limit()
+    if opts.write_ckpt and opts.max_shard_size != Options.max_shard_size:
+        reporter.log(
+            "warning: --max-shard-size is ignored with --format ckpt: nanoGPT loads one ckpt.pt, so each output "
+            "is one ckpt.pt and one model.safetensors"
+        )
     check_inputs_untouched(plan)
     states = output_states(plan, opts)
-    todo = decide_outputs(plan, opts, states)
+    todo = decide_outputs(plan, opts, states, output_changes(plan, opts, states))
     check_writable([plan.outputs[j] for j in todo])
     for j, state in enumerate(states):
         if state == "complete" and j not in todo:
+            touch_output(plan.outputs[j])
             reporter.log(f"{plan.outputs[j]} is complete (same plan); skipped")
     if todo:
-        records = [provenance(plan, j, opts) for j in range(len(plan.windows))]
-        runner.execute(plan, todo, records, opts, device, reporter)
+        warning = tokenless_warning(plan, todo, opts)
+        if warning is not None:
+            reporter.log(f"warning: {warning}")
+        digests = input_digests(plan, todo) if opts.hash_inputs else None
+        records = {j: provenance(plan, j, opts, digests) for j in todo}
+        headers = {j: plan_record(plan, j, opts) for j in todo}
+        runner.execute(plan, todo, records, headers, opts, device, reporter)
     return list(plan.outputs)
 
 

@@ -208,7 +208,7 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 type=SIZE,
                 default="5GB",
                 show_default=True,
-                help="Split output weights into shards of at most this size.",
+                help="Split output weights into shards of at most this size (not with --format ckpt).",
             ),
             click.option(
                 "--format",
@@ -216,7 +216,21 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 type=click.Choice(["safetensors", "ckpt"]),
                 default="safetensors",
                 show_default=True,
-                help="ckpt: also write nanoGPT's ckpt.pt (nanoGPT sources only).",
+                help="ckpt: also write nanoGPT's ckpt.pt (nanoGPT sources only); one file by nanoGPT's design, "
+                "so --max-shard-size does not apply.",
+            ),
+            click.option(
+                "--tokenizer",
+                metavar="DIR|REPO",
+                default=None,
+                help="Put these tokenizer files in every output instead of the run's: a folder, or a Hub repo "
+                "(only its tokenizer files are fetched, with --endpoint, --token, --cache-dir).",
+            ),
+            click.option(
+                "--hash",
+                "hash_inputs",
+                is_flag=True,
+                help="Record the sha256 of every local input file in ckptavg.json (reads each file once more).",
             ),
             click.option(
                 "--optimizer",
@@ -381,6 +395,24 @@ def _source(kw: dict[str, Any]) -> Any:
     return kw["run"]
 
 
+def _tokenizer(kw: dict[str, Any]) -> Any:
+    """--tokenizer, resolved: a folder's tokenizer files, or a Hub repo's, fetched now (before any work)."""
+    if kw.get("tokenizer") is None:
+        return None
+    from ckptavg.sources.extras import resolve_tokenizer
+
+    token = None
+    if not Path(kw["tokenizer"]).expanduser().is_dir():  # a repo: the Hub options of the command apply
+        if kw.get("token") is not None and kw.get("token_file") is not None:
+            raise click.UsageError("give --token or --token-file, not both")
+        token = resolve_token(kw.get("token"), token_file=kw.get("token_file"))
+        _redactor(click.get_current_context()).add(token)
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    return resolve_tokenizer(kw["tokenizer"], endpoint=kw.get("endpoint"), token=token, cache_dir=kw.get("cache_dir"))
+
+
 def _options(kw: dict[str, Any]) -> Any:
     from ckptavg import api
 
@@ -395,6 +427,8 @@ def _options(kw: dict[str, Any]) -> Any:
         optimizer=_optimizer(kw),
         chunk=kw["chunk"],
         disk_budget=kw["disk_budget"],
+        tokenizer=_tokenizer(kw),
+        hash_inputs=kw["hash_inputs"],
     )
 
 
@@ -485,6 +519,7 @@ def _execute(name: str, kw: dict[str, Any]) -> None:
 
     opts = _options(kw)  # options that cannot go together fail before any planning
     task = task_from_env(kw["task_index"], kw["num_tasks"])  # a bad SLURM variable fails before any planning
+    opts = _options(kw)  # --tokenizer is checked (and fetched) here, before any planning
     plan = api.task_share(_plan(name, kw), *task)
     if kw["dry_run"]:
         _emit_plan(plan, kw["as_json"], kw["disk_budget"])
@@ -942,6 +977,13 @@ def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH), default=8, show_default=True),
             click.option("--device", type=DeviceType(), default="cpu", show_default=True),
+            click.option(
+                "--tokenizer",
+                metavar="DIR|REPO",
+                default=None,
+                help="Read --data with this tokenizer (a folder, or a Hub repo: HF_ENDPOINT, HF_TOKEN) for models "
+                "that have none; a model's own tokenizer comes first.",
+            ),
         ]
     ):
         f = opt(f)
@@ -950,6 +992,20 @@ def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _results_option(help: str) -> Callable[..., Any]:
     return click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None, help=help)
+
+
+def _eval_tokenizer(spec: str | None) -> Path | None:
+    """eval's --tokenizer: the folder its tokenizer is loaded from (a Hub repo's fetched now, before any
+    model is scored; huggingface_hub reads HF_ENDPOINT and HF_TOKEN itself)."""
+    if spec is None:
+        return None
+    from ckptavg.sources.extras import resolve_tokenizer
+
+    if not Path(spec).expanduser().is_dir():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    return cast(Path, resolve_tokenizer(spec, endpoint=os.environ.get("HF_ENDPOINT") or None).folder)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -980,6 +1036,7 @@ def eval_(
     batch_size: int,
     device: str,
     results: Path | None,
+    tokenizer: str | None,
 ) -> None:
     """Held-out mean token loss and perplexity of model folders, grouped by method and ordered by step.
 
@@ -1001,6 +1058,7 @@ def eval_(
     if disagreement and results is not None:
         raise click.UsageError("--disagreement prints one number and writes no --results; leave one out")
     sl = _eval_slice(data, max_tokens, seq_len)
+    tok = _eval_tokenizer(tokenizer)
     folders = list(models)
     if run is not None:
         from ckptavg.errors import StepNotFoundError
@@ -1025,7 +1083,7 @@ def eval_(
     if disagreement:
         if len(folders) != 2:
             raise click.UsageError("--disagreement compares exactly two models")
-        share = evaluate.disagreement(folders[0], folders[1], sl, batch_size=batch_size, device=device)
+        share = evaluate.disagreement(folders[0], folders[1], sl, batch_size=batch_size, device=device, tokenizer=tok)
         click.echo(f"{share:.6f}")
         return
     if not folders:
@@ -1035,7 +1093,7 @@ def eval_(
         if table.has(folder):
             log.log(f"{folder}: already in {results}; skipped")
             continue
-        table.add(evaluate.evaluate(folder, sl, batch_size=batch_size, device=device))
+        table.add(evaluate.evaluate(folder, sl, batch_size=batch_size, device=device, tokenizer=tok))
         log.log(f"evaluated {folder}")
     _print_rows(table.sorted_rows())
 
@@ -1078,6 +1136,7 @@ def interpolate(
     batch_size: int,
     device: str,
     results: Path | None,
+    tokenizer: str | None,
     plot_to: Path | None,
     tmp_dir: Path | None,
 ) -> None:
@@ -1106,6 +1165,7 @@ def interpolate(
     if plot_to is not None:
         check_plot_target(plot_to)
     sl = _eval_slice(data, max_tokens, seq_len)
+    tok = _eval_tokenizer(tokenizer)
     if tmp_dir is None:
         import tempfile
 
@@ -1119,7 +1179,7 @@ def interpolate(
             out = tmp / f"alpha{i}"
             plan = api.plan_avg([str(a), str(b)], weights=[alpha, 1 - alpha], out=out)
             api.average(plan)
-            row = evaluate.evaluate(out, sl, batch_size=batch_size, device=device)
+            row = evaluate.evaluate(out, sl, batch_size=batch_size, device=device, tokenizer=tok)
             shutil.rmtree(out)  # one model on disk at a time
             rows.append({**row, "alpha": alpha, "model": f"{alpha:g}*{a} + {1 - alpha:g}*{b}"})
     if results is not None:

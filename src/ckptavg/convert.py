@@ -12,17 +12,18 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ckptavg import scratch
+from ckptavg import __version__, scratch
 from ckptavg.errors import InvalidCheckpointError, OutputError
 from ckptavg.outputs import check_name, check_outputs, check_writable
 from ckptavg.sources import open_checkpoint
 from ckptavg.sources.checkpoint import read_state
-from ckptavg.sources.extras import extra_files
+from ckptavg.sources.extras import tokenizer_files as folder_tokenizer_files
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.writers.safetensors_folder import temp_prefix
 
@@ -37,6 +38,10 @@ def load_nanogpt(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict and model_args of a nanoGPT ckpt.pt, or of a folder ckptavg made from nanoGPT inputs,
     read through the same checks as every input (sources/): a damaged file is one line, not a traceback."""
     if src.is_dir():
+        if _converted(src):
+            raise InvalidCheckpointError(
+                src, "already converted to GPT-2 by ckptavg convert; give the nanoGPT folder or ckpt.pt it came from"
+            )
         try:
             args = json.loads((src / PROVENANCE_FILE).read_text())["model_args"]
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -49,6 +54,14 @@ def load_nanogpt(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     checked = _checked_args(args, where)
     _check_fits(state, checked, src)
     return state, checked
+
+
+def _converted(folder: Path) -> bool:
+    try:
+        record = json.loads((folder / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "converted" in record
 
 
 def _checked_args(args: object, where: Path) -> dict[str, Any]:
@@ -118,17 +131,6 @@ def gpt2_state(state: dict[str, torch.Tensor], args: dict[str, Any]) -> dict[str
     return out
 
 
-def _tokenizer_files(folder: Path) -> dict[str, Path]:
-    """The tokenizer files of ``folder`` by the rule every output follows (sources/extras.py); its model
-    config is not one of them: the converted model has its own."""
-    if not folder.is_dir():
-        raise InvalidCheckpointError(folder, "--tokenizer needs a folder of tokenizer files")
-    found = {n: p for n, p in extra_files(folder).items() if n not in ("config.json", "generation_config.json")}
-    if not found:
-        raise InvalidCheckpointError(folder, "no tokenizer files (looked for tokenizer.json, vocab.json, ...)")
-    return found
-
-
 def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: bool = False) -> Path:
     """Write a GPT-2 folder at ``out``, built beside it in a scratch folder and renamed into place.
 
@@ -147,7 +149,8 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
     check_writable([out])
     state, args = load_nanogpt(src)
-    tokenizer_files = {} if tokenizer is None else _tokenizer_files(tokenizer)
+    tokenizer_files = {} if tokenizer is None else folder_tokenizer_files(tokenizer)
+    record = provenance(src, tokenizer)
     config = GPT2Config(
         vocab_size=int(args["vocab_size"]),
         n_positions=int(args["block_size"]),
@@ -178,10 +181,38 @@ def convert(src: Path, out: Path, *, tokenizer: Path | None = None, overwrite: b
             model.to(state["transformer.wte.weight"].dtype).save_pretrained(built)  # type: ignore[arg-type]
             for name, f in tokenizer_files.items():
                 shutil.copy2(f, built / name)
+            (built / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
             _replace(built, out, tmp / "old", overwrite)
     except OSError as e:
         raise OutputError(f"{out}: {e.strerror or e}; nothing was written") from e
     return out
+
+
+def provenance(src: Path, tokenizer: Path | None) -> dict[str, Any]:
+    """The converted folder's ckptavg.json: the source's record (how it was averaged), if it has one,
+    with this step added under ``converted``. The record's ``plan_id`` stays, to say which plan made the
+    weights; ``converted`` marks the folder as not that plan's output, which a rerun of the plan must not
+    skip (``api.output_states``) nor ``convert`` take as nanoGPT weights again (``load_nanogpt``)."""
+    record: dict[str, Any] = {}
+    if src.is_dir():
+        try:
+            found = json.loads((src / PROVENANCE_FILE).read_text())
+        except (OSError, ValueError):
+            found = None
+        if isinstance(found, dict):
+            record = found
+    if not record:
+        record = {"tool": "ckptavg", "version": __version__}
+    record["converted"] = {
+        "tool": "ckptavg",
+        "version": __version__,
+        "from": str(src),
+        "cwd": os.getcwd(),
+        "format": "gpt2 (transformers)",
+        "tokenizer": None if tokenizer is None else str(tokenizer.absolute()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return record
 
 
 def scratch_prefix(out: Path) -> str:

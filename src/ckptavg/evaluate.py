@@ -20,13 +20,13 @@ import torch
 
 from ckptavg.errors import DataFileError, InvalidArgumentError, ModelFolderError
 from ckptavg.results import Results, Slice, check_row, read_results
+from ckptavg.sources.extras import TOKENIZER_FILES
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
 from ckptavg.steps import StepRange
 
 __all__ = ["Results", "Slice", "check_row", "read_results"]  # the results file lives in ckptavg.results
 
 _STEP = re.compile(r"(?:step|checkpoint-)(\d+)$")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 _CHUNK = 1 << 20
 # Where a config states how many positions a model was trained on; the first one present counts.
 _CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len", "seq_length")
@@ -172,28 +172,41 @@ def describe_model(folder: Path) -> dict[str, Any]:
         return {"method": "original", "step": int(m.group(1)) if m else None}
 
 
-def tokens_for(folder: Path, sl: Slice, vocab_size: int) -> torch.Tensor:
-    """The slice's token ids for this model: (n_sequences, seq_len)."""
+def tokenizer_folder(folder: Path, fallback: Path | None = None) -> Path | None:
+    """Where the tokenizer of ``folder`` is: the folder itself when it holds any tokenizer file (the names
+    of sources/extras.py), else ``fallback`` (``--tokenizer``), else None. A folder without a tokenizer
+    must not reach transformers, which would make up a tokenizer that encodes text to almost nothing."""
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return folder
+    return fallback
+
+
+def tokens_for(folder: Path, sl: Slice, vocab_size: int, tokenizer: Path | None = None) -> torch.Tensor:
+    """The slice's token ids for this model: (n_sequences, seq_len). Text is read with the model's own
+    tokenizer, or, for a model folder without one, the tokenizer in the folder ``tokenizer``."""
     data = Path(sl.data)
     if data.suffix == ".bin":
         n = data.stat().st_size // 2
         ids = torch.from_file(str(data), size=min(n, sl.max_tokens), dtype=torch.uint16).long()
     else:
-        if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-            raise ModelFolderError(folder, f"no tokenizer to read {data} with (none of {', '.join(_TOKENIZER_FILES)})")
+        where = tokenizer_folder(folder, tokenizer)
+        if where is None:
+            raise ModelFolderError(
+                folder, f"no tokenizer to read {data} with (no tokenizer.json, vocab.json, ...); pass --tokenizer DIR"
+            )
         try:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tok = AutoTokenizer.from_pretrained(where)
         except MemoryError:
             raise
         except Exception as e:  # the boundary: whatever a broken tokenizer file makes transformers raise
-            raise ModelFolderError(folder, f"no tokenizer to read {data} with ({_first_line(e)})") from e
+            raise ModelFolderError(where, f"no tokenizer to read {data} with ({_first_line(e)})") from e
         try:
             text = data.read_bytes().decode("utf-8")  # make_slice checked it; the file may have changed since
         except (OSError, UnicodeDecodeError) as e:
             raise DataFileError(data, f"cannot read it as UTF-8 text ({e})") from e
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][: sl.max_tokens], dtype=torch.long)
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][: sl.max_tokens], dtype=torch.long)
     n_seq = ids.numel() // sl.seq_len
     if n_seq == 0:
         raise DataFileError(data, f"{ids.numel()} tokens, fewer than one sequence of {sl.seq_len}")
@@ -280,11 +293,14 @@ def predictions(model: Any, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return loss, logits.argmax(-1)
 
 
-def evaluate(folder: Path, sl: Slice, *, batch_size: int = 8, device: str = "cpu") -> dict[str, Any]:
-    """Mean token loss and perplexity of one model on the slice."""
+def evaluate(
+    folder: Path, sl: Slice, *, batch_size: int = 8, device: str = "cpu", tokenizer: Path | None = None
+) -> dict[str, Any]:
+    """Mean token loss and perplexity of one model on the slice (text read with its own tokenizer, or
+    without one with the tokenizer in the folder ``tokenizer``)."""
     context_check(folder, sl.seq_len)
     model = load_model(folder, device)
-    tokens = tokens_for(folder, sl, model.config.vocab_size)
+    tokens = tokens_for(folder, sl, model.config.vocab_size, tokenizer)
     total, count = 0.0, 0
     for i in range(0, tokens.shape[0], batch_size):
         loss, _ = _scored(folder, model, tokens[i : i + batch_size].to(device), batch_size)
@@ -310,12 +326,14 @@ def _scored(folder: Path, model: Any, batch: torch.Tensor, batch_size: int) -> t
         raise ModelFolderError(folder, f"failed on sequences of {batch.shape[1]} tokens ({_first_line(e)})") from e
 
 
-def disagreement(a: Path, b: Path, sl: Slice, *, batch_size: int = 8, device: str = "cpu") -> float:
+def disagreement(
+    a: Path, b: Path, sl: Slice, *, batch_size: int = 8, device: str = "cpu", tokenizer: Path | None = None
+) -> float:
     """Share of next-token predictions (argmax) on which two models differ (the paper's Section 2.2)."""
     context_check(a, sl.seq_len)
     context_check(b, sl.seq_len)
     ma, mb = load_model(a, device), load_model(b, device)
-    tokens = tokens_for(a, sl, min(ma.config.vocab_size, mb.config.vocab_size))
+    tokens = tokens_for(a, sl, min(ma.config.vocab_size, mb.config.vocab_size), tokenizer)
     differ, count = 0, 0
     for i in range(0, tokens.shape[0], batch_size):
         batch = tokens[i : i + batch_size].to(device)

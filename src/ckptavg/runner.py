@@ -18,7 +18,7 @@ import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,7 @@ from ckptavg.pipeline import ByteBudget
 from ckptavg.progress import Reporter, human_bytes
 from ckptavg.sources import FileTable, TensorInfo
 from ckptavg.sources.checkpoint import Remote
+from ckptavg.sources.extras import TOKENIZER_FILES
 from ckptavg.windows import Window
 from ckptavg.writers import FolderWriter, ckpt_training_state, write_nanogpt_ckpt
 
@@ -44,9 +45,17 @@ def keeps_progress(error: BaseException) -> bool:
 
 
 def execute(
-    plan: Plan, todo: list[int], records: list[dict[str, object]], opts: Options, device: torch.device, rep: Reporter
+    plan: Plan,
+    todo: list[int],
+    records: dict[int, dict[str, Any]],
+    headers: dict[int, dict[str, Any]],
+    opts: Options,
+    device: torch.device,
+    rep: Reporter,
 ) -> None:
-    """Make outputs ``todo`` of ``plan`` (``records``: their provenance, by output index)."""
+    """Make outputs ``todo`` of ``plan``. By output index: ``records``, the provenance each ckptavg.json
+    holds; ``headers``, the part of it that decides the bytes, which every weight file's metadata holds
+    (``api.plan_record``: the same in a resumed run, so the header keeps its size)."""
     windows = [plan.windows[j] for j in todo]
     ref = plan.members[max(m for w in windows for m in w.steps)]
     groups = schedule.tensor_groups(ref)
@@ -55,7 +64,8 @@ def execute(
     newest = sorted({w.steps[-1] for w in windows})
     # Held to the end, outside the units: configs and tokenizers of the outputs.
     remotes: list[tuple[int, Remote]] = [(m, r) for m in newest if (r := plan.members[m].remote) is not None]
-    reserved = sum(n for _, r in remotes for n in r.extras.values())
+    replaced = TOKENIZER_FILES if opts.tokenizer is not None else frozenset()  # --tokenizer: not the run's
+    reserved = sum(n for _, r in remotes for f, n in r.extras.items() if f not in replaced)
     units, limit = schedule.plan_units(windows, plan.members, groups, opts.disk_budget, reserved)
     out_dtype = DTYPES[opts.dtype] if opts.dtype else None
 
@@ -80,18 +90,21 @@ def execute(
         def keep() -> bool:
             return bool(failure) and keeps_progress(failure[0])
 
-        # Config and tokenizer files of each output's newest member (downloaded first for a Hub run).
+        # Config and tokenizer files of each output's newest member (downloaded first for a Hub run); with
+        # --tokenizer, its files instead of the run's tokenizer files (which are then not even downloaded).
         extra_files: dict[int, dict[str, Path]] = {}
         for m in newest:
             c = plan.members[m]
-            extra_files[m] = dict(c.extra_files)
+            extra_files[m] = {n: p for n, p in c.extra_files.items() if n not in replaced}
             remote = c.remote
             if remote is not None:
                 extra_files[m] = {}
-                for f in sorted(remote.extras):
+                for f in sorted(set(remote.extras) - replaced):
                     path, _ = remote.download(f)
                     stack.callback(lambda r=remote, f=f: r.done_with(f, keep=keep()))  # type: ignore[misc]
                     extra_files[m][f] = path
+            if opts.tokenizer is not None:
+                extra_files[m].update(opts.tokenizer.files)
 
         writers: list[FolderWriter] = []
 
@@ -116,6 +129,7 @@ def execute(
                         layout,
                         aliases=ref.aliases,
                         provenance=records[j],
+                        metadata=headers[j],
                         extra_files=extra_files[plan.windows[j].steps[-1]],
                         config_dtype=opts.dtype,
                         max_shard_size=opts.max_shard_size if not opts.write_ckpt else 1 << 62,

@@ -11,14 +11,25 @@ there or points into the ``blobs`` folder of the huggingface_hub cache that the 
 (every file of a snapshot is such a link). A symlink elsewhere (``config.json -> ~/.ssh/id_rsa``) is
 refused by name rather than skipped: a config that is silently missing makes an output that does not
 load.
+
+The tokenizer's names on the list (``TOKENIZER_FILES``) may come from elsewhere: ``--tokenizer DIR|REPO``
+(``resolve_tokenizer``) takes them from a folder by the same rule, or from a Hub repository (only those
+names are fetched), for every output, in place of the run's; ``convert --tokenizer`` and ``eval
+--tokenizer`` use the same rule.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ckptavg.errors import InvalidCheckpointError
+from ckptavg.errors import HubError, InvalidArgumentError, InvalidCheckpointError
 
 EXTRA_FILES = frozenset(
     {
@@ -38,6 +49,13 @@ EXTRA_FILES = frozenset(
         "chat_template.json",
     }
 )
+
+
+# The model's own files; every other name on the list belongs to the tokenizer.
+MODEL_FILES = frozenset({"config.json", "generation_config.json"})
+TOKENIZER_FILES = EXTRA_FILES - MODEL_FILES
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # how the Hub names repositories
+_HASH_BLOCK = 16 << 20  # bytes per read when hashing: few system calls, and little memory
 
 
 def is_extra_file(name: str) -> bool:
@@ -71,3 +89,110 @@ def _within(real: Path, folder: Path) -> bool:
         return True
     # A snapshot of the huggingface_hub cache: <repo>/snapshots/<commit>/<file> -> <repo>/blobs/<hash>.
     return root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+
+
+def has_tokenizer(names: Iterable[str]) -> bool:
+    """Whether a checkpoint whose extra files are ``names`` carries a tokenizer (any of its files)."""
+    return any(n in TOKENIZER_FILES for n in names)
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in large blocks into one reused buffer."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size  # a small file gets a small buffer (zeroing 16 MiB costs ms)
+        view = memoryview(bytearray(min(_HASH_BLOCK, max(size, 1 << 16))))
+        while n := f.readinto(view):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """Tokenizer files that replace a run's own in every output (``--tokenizer DIR|REPO``).
+
+    ``folder``: where they are (what transformers loads them from); ``files``: output name -> the local
+    file to copy (checked by the rule of every extra file); ``origin``: where they came from, for
+    provenance (``{"path": ...}``, or a Hub repository, its endpoint and the commit fetched)."""
+
+    folder: Path
+    files: dict[str, Path]
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def digests(self) -> dict[str, str]:
+        """sha256 of each file (read once): what decides whether an output made with them is current."""
+        return {name: sha256_file(path) for name, path in sorted(self.files.items())}
+
+
+def tokenizer_files(folder: Path, option: str = "--tokenizer") -> dict[str, Path]:
+    """The tokenizer files of ``folder`` by the rule every extra file follows; its model config is not
+    one of them (an output keeps its own). A folder without any is an error naming it."""
+    if not folder.is_dir():
+        raise InvalidCheckpointError(folder, f"{option} needs a folder of tokenizer files")
+    found = {n: p for n, p in extra_files(folder).items() if n in TOKENIZER_FILES}
+    if not found:
+        raise InvalidCheckpointError(
+            folder, f"{option}: no tokenizer files here (looked for tokenizer.json, vocab.json, tokenizer.model, ...)"
+        )
+    return found
+
+
+def local_tokenizer(folder: Path) -> Tokenizer:
+    return Tokenizer(folder, tokenizer_files(folder), {"path": str(folder.absolute())})
+
+
+def resolve_tokenizer(
+    spec: str,
+    *,
+    endpoint: str | None = None,
+    token: str | None = None,
+    cache_dir: str | None = None,
+    option: str = "--tokenizer",
+) -> Tokenizer:
+    """``spec`` is a folder (when one exists by that name) or a Hub repository id, whose tokenizer files
+    (and only those) are fetched with huggingface_hub into its cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return local_tokenizer(path)
+    if os.path.lexists(path):
+        raise InvalidArgumentError(f"{option} {spec}: not a folder (give a folder of tokenizer files, or a Hub repo)")
+    if not _REPO_ID.match(spec):
+        raise InvalidArgumentError(f"{option} {spec}: no such folder, and not a Hub repository id (ORG/NAME)")
+    folder = _fetch(spec, endpoint=endpoint, token=token, cache_dir=cache_dir, option=option)
+    files = {n: p for n, p in extra_files(folder).items() if n in TOKENIZER_FILES}
+    where = endpoint or "the Hugging Face Hub"
+    if not files:
+        raise HubError(f"{option} {spec}: the repository on {where} holds no tokenizer files", repo=spec)
+    return Tokenizer(folder, files, {"repo": spec, "endpoint": endpoint, "commit": folder.name})
+
+
+def _fetch(spec: str, *, endpoint: str | None, token: str | None, cache_dir: str | None, option: str) -> Path:
+    """The snapshot folder of ``spec``'s main revision holding its tokenizer files (a one-line HubError
+    for what the client raises: the repository missing or private, HTTP errors, no connection)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    host = endpoint or "the Hugging Face Hub"
+    fail = f"{option} {spec}: no such folder, and"
+    try:
+        return Path(
+            snapshot_download(
+                spec,
+                allow_patterns=sorted(TOKENIZER_FILES),
+                endpoint=endpoint,
+                token=token,
+                cache_dir=cache_dir,
+            )
+        )
+    except (GatedRepoError, RepositoryNotFoundError) as e:
+        raise HubError(f"{fail} no such repository on {host} (if private: pass --token)", repo=spec) from e
+    except HfHubHTTPError as e:
+        code = getattr(getattr(e, "response", None), "status_code", None)
+        raise HubError(f"{fail} {host} answered HTTP {code or '?'} for the repository", repo=spec, status=code) from e
+    except Exception as e:
+        # Transport errors come from the client's HTTP library (its name changes between versions).
+        if isinstance(e, OSError) or type(e).__module__.split(".")[0].startswith(("httpx", "httpcore", "requests")):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise HubError(f"{fail} {host} cannot be reached ({type(e).__name__}: {first})", repo=spec) from e
+        raise

@@ -175,6 +175,7 @@ class FolderWriter:
         *,
         aliases: dict[str, str],
         provenance: dict[str, object],
+        metadata: dict[str, object] | None = None,
         extra_files: dict[str, Path],
         config_dtype: str | None = None,
         max_shard_size: int,
@@ -184,7 +185,10 @@ class FolderWriter:
         self.overwrite = overwrite
         self.extra_files = extra_files
         self.config_dtype = config_dtype  # --dtype: config.json should announce the dtype we wrote
-        self.provenance = provenance
+        self.provenance = provenance  # ckptavg.json
+        # Each shard's __metadata__: the part of the provenance that a resumed run repeats exactly (the
+        # header's size fixes where the tensors are), or the whole of it when the caller has no such split.
+        self.metadata = provenance if metadata is None else metadata
         self.tmp = _temp_name(final, provenance.get("plan_id", os.getpid()))
         self._lock_fd = -1
         self._progress = -1
@@ -223,7 +227,7 @@ class FolderWriter:
         them back (on disk, or in this boot's page cache): the engine starts after them. The folder is
         locked (flock) so that two processes never write one output.
         """
-        meta = {"format": "pt", "ckptavg": json.dumps(self.provenance, sort_keys=True)}
+        meta = {"format": "pt", "ckptavg": json.dumps(self.metadata, sort_keys=True)}
         ops = self.ops
         check_name(self.final)
         check_writable([self.final])
