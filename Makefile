@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 # A bare `torch` requirement can pull a multi-GB CUDA build; install the one you want first.
 TORCH ?= torch==2.13.0
 EXAMPLE_OUT ?= examples/out
+# lm-eval: eval --tasks and its tests (about 50 packages, 3-4 minutes); EXTRAS=dev installs without it.
+EXTRAS ?= dev,lm-eval
 
 .PHONY: install test lint example example-data study bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 
 test:
 	$(BIN)/python -m pytest -q
