@@ -8,13 +8,15 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 EXAMPLE_OUT ?= examples/out
+# lm-eval: eval --tasks and its tests (about 50 packages, 3-4 minutes); EXTRAS=dev installs without it.
+EXTRAS ?= dev,lm-eval
 
 .PHONY: install test lint example example-data study bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 
 test:
 	$(BIN)/python -m pytest -q

@@ -893,11 +893,13 @@ def _shown(option: str, name: str, value: object) -> str:
     return f"{option} {value}" + ("" if _given(name) else " (the default)")
 
 
-def _eval_slice(data: Path, max_tokens: int, seq_len: int) -> Any:
+def _eval_slice(data: Path | None, max_tokens: int, seq_len: int) -> Any:
     """The data slice of eval and interpolate; options that cannot make one are refused naming them."""
     from ckptavg.errors import OptionError
     from ckptavg.evaluate import make_slice
 
+    if data is None:  # not required by click: eval --tasks alone scores no held-out loss
+        raise click.UsageError("Missing option '--data'.")
     if max_tokens < seq_len:
         if _given("seq_len"):
             raise OptionError(
@@ -958,8 +960,9 @@ def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--data",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                required=True,
-                help="Held-out text (UTF-8, tokenized by each model's tokenizer) or nanoGPT val.bin (uint16 ids).",
+                default=None,
+                help="Held-out text (UTF-8, tokenized by each model's tokenizer) or nanoGPT val.bin (uint16 ids). "
+                "Required, except by eval --tasks alone.",
             ),
             click.option(
                 "--max-tokens",
@@ -1020,6 +1023,19 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 @click.option("--run", default=None, help="Also evaluate this run's original checkpoints at --steps.")
 @click.option("--steps", type=STEP_RANGE, default=None, help="With --run: START:END:EVERY.")
 @click.option("--disagreement", is_flag=True, help="With two models: how often their next-token predictions differ.")
+@click.option(
+    "--tasks",
+    default=None,
+    help="Comma list of lm-evaluation-harness tasks (names or task YAML files), scored zero-shot; "
+    "needs pip install 'ckptavg[lm-eval]'.",
+)
+@click.option(
+    "--include-path",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="With --tasks: a folder of local task YAML files (examples/tasks).",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="With --tasks: score the first N examples.")
 @_eval_options
 @_results_option(
     "JSON results file (a CSV is written beside it); models already in it are skipped. "
@@ -1030,7 +1046,10 @@ def eval_(
     run: str | None,
     steps: Any,
     disagreement: bool,
-    data: Path,
+    tasks: str | None,
+    include_path: Path | None,
+    limit: int | None,
+    data: Path | None,
     max_tokens: int,
     seq_len: int,
     batch_size: int,
@@ -1047,6 +1066,12 @@ def eval_(
     ckptavg eval averaged/step* --data heldout.txt --results results.json
     ckptavg eval --run runs/pythia-70m --steps 21000:141000:3000 --data heldout.txt --results results.json
     ckptavg eval --disagreement runs/x/step20000 runs/x/step21000 --data heldout.txt
+    ckptavg eval averaged/step* --tasks lambada_openai,piqa,arc_easy,sciq --results results.json
+    ckptavg eval out/lawa/step* --tasks genesis_next_word --include-path examples/tasks --results results.json
+
+    With --tasks, each model is also scored zero-shot by lm-evaluation-harness; its rows join the same
+    --results file (a model and task already scored there, the task unchanged, is skipped), and a table
+    of one row per model and one column per task metric is printed. --data may then be left out.
     """
     from ckptavg import evaluate
     from ckptavg.progress import Reporter
@@ -1057,7 +1082,16 @@ def eval_(
         raise click.UsageError("--run needs --steps START:END[:EVERY]")
     if disagreement and results is not None:
         raise click.UsageError("--disagreement prints one number and writes no --results; leave one out")
-    sl = _eval_slice(data, max_tokens, seq_len)
+    if tasks is None and (include_path is not None or limit is not None):
+        raise click.UsageError(f"{'--include-path' if include_path is not None else '--limit'} needs --tasks")
+    if tasks is not None and disagreement:
+        raise click.UsageError("--disagreement compares two models' predictions and scores no --tasks; leave one out")
+    sl = None if tasks is not None and data is None else _eval_slice(data, max_tokens, seq_len)
+    task_list = None
+    if tasks is not None:
+        from ckptavg import downstream
+
+        task_list = downstream.load_tasks(_task_specs(tasks), include_path, limit)  # before any model
     tok = _eval_tokenizer(tokenizer)
     folders = list(models)
     if run is not None:
@@ -1076,13 +1110,14 @@ def eval_(
         folders = list(unique.values())
     log = Reporter()
     option = _shown("--seq-len", "seq_len", seq_len)
-    notes = [evaluate.context_check(folder, seq_len, option) for folder in folders]  # all, before any work
+    notes = [evaluate.context_check(folder, seq_len, option) for folder in folders if sl]  # all, before any work
     for note in notes:
         if note is not None:
             log.log(f"warning: {note}")
     if disagreement:
         if len(folders) != 2:
             raise click.UsageError("--disagreement compares exactly two models")
+        assert sl is not None  # --disagreement goes without --tasks, so with --data
         share = evaluate.disagreement(folders[0], folders[1], sl, batch_size=batch_size, device=device, tokenizer=tok)
         click.echo(f"{share:.6f}")
         return
@@ -1090,12 +1125,31 @@ def eval_(
         raise click.UsageError("give model folders, or --run with --steps")
     table = evaluate.Results(results, sl, warn=lambda m: log.log(f"warning: {m}"))
     for folder in folders:
-        if table.has(folder):
+        if sl is None:
+            pass
+        elif table.has(folder):
             log.log(f"{folder}: already in {results}; skipped")
-            continue
-        table.add(evaluate.evaluate(folder, sl, batch_size=batch_size, device=device, tokenizer=tok))
-        log.log(f"evaluated {folder}")
-    _print_rows(table.sorted_rows())
+        else:
+            table.add(evaluate.evaluate(folder, sl, batch_size=batch_size, device=device, tokenizer=tok))
+            log.log(f"evaluated {folder}")
+        if task_list is not None:
+            downstream.score_into(
+                table, folder, task_list, log=log.log, limit=limit, batch_size=batch_size, device=device, tokenizer=tok
+            )
+    from ckptavg.results import loss_rows, task_rows
+
+    if sl is not None:
+        _print_rows(loss_rows(table.sorted_rows()))
+    if task_list is not None:
+        for line in downstream.table_lines(task_rows(table.sorted_rows())):
+            click.echo(line)
+
+
+def _task_specs(tasks: str) -> list[str]:
+    specs = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not specs:
+        raise click.BadParameter("names no task", param_hint="'--tasks'")
+    return specs
 
 
 INTERPOLATE_PREFIX = ".ckptavg-interpolate-"  # the scratch folders of interpolate: one point's model

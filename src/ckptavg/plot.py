@@ -1,5 +1,8 @@
 """Held-out loss against training step, one line per method, in the manner of the paper's Figure 4.
 
+A results file with downstream scores (``eval --tasks``) gets one panel per task beside the loss: the
+task's accuracy (or, for a perplexity task, its bits per byte) against step, one line per method.
+
 Also the savings view of its Figure 6: the first step at which each method reaches the loss the original
 run has at its last evaluated step. matplotlib is an optional extra (``pip install 'ckptavg[plot]'``).
 """
@@ -14,7 +17,7 @@ from typing import Any
 
 from ckptavg.errors import MissingExtraError, OutputError, ResultsFileError
 from ckptavg.outputs import check_file_output
-from ckptavg.results import PLOT_KEYS, read_results
+from ckptavg.results import PLOT_KEYS, loss_rows, read_results, task_rows
 
 STYLE = {"original": ("black", "o"), "lawa": ("tab:red", "s"), "ema": ("tab:blue", "^"), "swa": ("tab:green", "v")}
 
@@ -23,13 +26,35 @@ STYLE = {"original": ("black", "o"), "lawa": ("tab:red", "s"), "ema": ("tab:blue
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
 
+# The metric a task's panel shows: the first of these it has (the paper reports acc, acc_norm for some).
+PANEL_METRICS = ("acc", "acc_norm", "bits_per_byte", "word_perplexity", "byte_perplexity")
+
+
 def load_rows(results: Path) -> list[dict[str, Any]]:
-    """The rows with a training step; every row must be what eval writes (method, step, finite loss)."""
+    """The rows with a training step; every row must be what eval writes (method, step, finite loss;
+    or method, step, task and its metrics)."""
     _, rows = read_results(results, PLOT_KEYS)
     rows = [r for r in rows if r["step"] is not None]
     if not rows:
         raise ResultsFileError(results, "no rows with a training step to plot (interpolate's rows have none)")
     return rows
+
+
+def task_curves(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[tuple[int, float]]]]:
+    """(task, metric) -> method -> (step, value) points, one panel per task; the metric is the first of
+    PANEL_METRICS the task has (or its first metric), and a value beyond float range is left out."""
+    panels: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        names = [m for r in mine for m in r["metrics"]]
+        metric = next((m for m in PANEL_METRICS if m in names), names[0])
+        by: dict[str, list[tuple[int, float]]] = {}
+        for r in mine:
+            v = r["metrics"].get(metric)
+            if v is not None:
+                by.setdefault(r["method"], []).append((int(r["step"]), float(v)))
+        panels[(task, metric)] = {m: sorted(points) for m, points in sorted(by.items())}
+    return panels
 
 
 def check_target(out: Path, option: str) -> None:
@@ -106,24 +131,60 @@ def plot_interpolation(points: list[tuple[float, float]], out: Path, title: str)
 def plot(results: Path, out: Path, title: str | None = None, option: str = "-o") -> dict[str, int | None]:
     """Draw ``results`` into ``out``; returns the savings view. ``option`` is how messages name ``out``."""
     check_target(out, option)
-    lines = curves(load_rows(results))
+    rows = load_rows(results)
+    lines = curves(loss_rows(rows))
+    panels = task_curves(task_rows(rows))
     plt = _pyplot()
     reached = savings(lines)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for method, pts in lines.items():
-        color, marker = STYLE.get(method, ("tab:purple", "d"))
-        label = method if method == "original" else method.upper()
-        if reached.get(method) is not None and method != "original":
-            label += f" (reaches final original loss at step {reached[method]})"
-        ax.plot([s for s, _ in pts], [v for _, v in pts], color=color, marker=marker, markersize=4, label=label)
-    if "original" in lines:
-        ax.axhline(lines["original"][-1][1], color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out loss (mean token cross-entropy)")
-    ax.set_title(title or f"held-out loss: {results.name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if not panels:  # a loss-only file: the one panel it always had
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+        _loss_panel(ax, lines, reached)
+        ax.set_title(title or f"held-out loss: {results.name}")
+    else:
+        n = len(panels) + bool(lines)
+        cols = min(n, 3)
+        rows_ = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 3.8 * rows_), dpi=120, squeeze=False)
+        flat = list(axes.flat)
+        if lines:
+            _loss_panel(flat.pop(0), lines, reached)
+        for ax, ((task, metric), by_method) in zip(flat, panels.items(), strict=False):
+            _task_panel(ax, task, metric, by_method)
+        for ax in flat[len(panels) :]:
+            ax.set_visible(False)
+        what = "held-out loss and downstream tasks" if lines else "downstream tasks"
+        fig.suptitle(title or f"{what}: {results.name}")
     fig.tight_layout()
     _save(fig, out)
     plt.close(fig)
     return reached
+
+
+def _line(ax: Any, method: str, pts: list[tuple[int, float]], label: str) -> None:
+    color, marker = STYLE.get(method, ("tab:purple", "d"))
+    ax.plot([s for s, _ in pts], [v for _, v in pts], color=color, marker=marker, markersize=4, label=label)
+
+
+def _loss_panel(ax: Any, lines: dict[str, list[tuple[int, float]]], reached: dict[str, int | None]) -> None:
+    for method, pts in lines.items():
+        label = method if method == "original" else method.upper()
+        if reached.get(method) is not None and method != "original":
+            label += f" (reaches final original loss at step {reached[method]})"
+        _line(ax, method, pts, label)
+    if "original" in lines:
+        ax.axhline(lines["original"][-1][1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out loss (mean token cross-entropy)")
+    ax.set_title("held-out loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _task_panel(ax: Any, task: str, metric: str, by_method: dict[str, list[tuple[int, float]]]) -> None:
+    for method, pts in by_method.items():
+        _line(ax, method, pts, method if method == "original" else method.upper())
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{metric} (zero-shot)")
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

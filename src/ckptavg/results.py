@@ -1,5 +1,10 @@
 """The results file of ``ckptavg eval --results``: the data slice it holds losses on, and one row per model.
 
+It also holds the downstream scores of ``eval --tasks`` (lm-evaluation-harness): one row per model and
+task, carrying method and step as a loss row does, the task's metrics, how many examples were scored,
+and a hash of the task as scored (config, documents, limit), so that a task that changed is scored
+again. A file of task rows only has no slice (``"slice": null``) until a held-out loss is added.
+
 Several writers may share one file (the tasks of a SLURM job array evaluating parts of one trajectory),
 so a row is added by a read-merge-write under a lock, never by rewriting the file from one process's
 memory:
@@ -59,6 +64,8 @@ class Slice:
 # What eval writes in each row, and the types a row must have to be read back. plot needs only some.
 ROW_KEYS = ("model", "method", "step", "loss", "ppl", "tokens")
 PLOT_KEYS = ("method", "step", "loss")
+# A downstream row (eval --tasks) is told apart by its "task"; ROW_KEYS and PLOT_KEYS are for loss rows.
+TASK_ROW_KEYS = ("model", "method", "step", "task", "task_hash", "n", "metrics")
 _NO_LOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock not offered by this file system
 
 
@@ -70,10 +77,12 @@ def check_row(path: Path, index: int, row: object, keys: tuple[str, ...] = ROW_K
 
     if not isinstance(row, dict):
         raise bad(f"is a JSON {_json_type(type(row).__name__)}, not an object")
+    if "task" in row:
+        keys = TASK_ROW_KEYS
     missing = [k for k in keys if k not in row]
     if missing:
         raise bad(f"has no {', '.join(repr(k) for k in missing)}")
-    for k in ("model", "method"):
+    for k in ("model", "method", "task", "task_hash"):
         if k in keys and not (isinstance(row[k], str) and row[k]):
             raise bad(f"{k!r} is {_shown(row[k])}, not a non-empty string")
     step = row["step"]
@@ -87,10 +96,31 @@ def check_row(path: Path, index: int, row: object, keys: tuple[str, ...] = ROW_K
             continue
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise bad(f"{k!r} is {_shown(v)}, not a finite number")
-    tokens = row.get("tokens")
-    if "tokens" in keys and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        raise bad(f"'tokens' is {_shown(tokens)}, not a positive count")
+    for k in ("tokens", "n"):
+        v = row.get(k)
+        if k in keys and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise bad(f"{k!r} is {_shown(v)}, not a positive count")
+    if "metrics" in keys:
+        metrics = row["metrics"]
+        if not isinstance(metrics, dict) or not metrics:
+            raise bad(f"'metrics' is {_shown(metrics)}, not an object of metric values")
+        for name, v in metrics.items():  # null: a perplexity beyond float range, as 'ppl'
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+                raise bad(f"metric {name!r} is {_shown(v)}, not a finite number or null")
     return row
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """What identifies a row in a results file: its model folder, and for a downstream row its task."""
+    return row["model"] if "task" not in row else f"{row['model']}\0{row['task']}"
+
+
+def task_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if "task" in r]
+
+
+def loss_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if "task" not in r]
 
 
 def _json_type(name: str) -> str:
@@ -120,12 +150,14 @@ def _no_constant(name: str) -> float:
 
 
 class Results:
-    """A results file: the slice it was made on and one row per model, keyed by the model's folder.
+    """A results file: the slice it was made on and one row per model, keyed by the model's folder (and
+    one per model and task, keyed by both).
 
-    ``path`` None keeps rows in memory only. ``warn`` is told, once, when the file system refuses locks.
+    ``path`` None keeps rows in memory only. ``sl`` None (downstream tasks only) takes the file's slice,
+    if it has one. ``warn`` is told, once, when the file system refuses locks.
     """
 
-    def __init__(self, path: Path | None, sl: Slice, warn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, path: Path | None, sl: Slice | None, warn: Callable[[str], None] | None = None) -> None:
         self.path = path
         self.slice = sl
         self.warn = warn
@@ -151,10 +183,14 @@ class Results:
         if not self.path.exists():
             return {}
         saved, rows = read_results(self.path)
+        if saved is None:  # downstream rows only: any slice fits
+            return {row_key(r): r for r in rows}
         try:
             old = Slice(**saved)
         except TypeError as e:
             raise ResultsFileError(self.path, f"not a ckptavg results file (its 'slice' is {_shown(saved)})") from e
+        if self.slice is None:
+            self.slice = old
         if old != self.slice:
             diff = ", ".join(
                 f"{k} {getattr(old, k)!r} there, {getattr(self.slice, k)!r} here"
@@ -162,7 +198,7 @@ class Results:
                 if getattr(old, k) != getattr(self.slice, k)
             )
             raise ResultsFileError(self.path, f"holds losses on another data slice ({diff}); use another --results")
-        return {r["model"]: r for r in rows}
+        return {row_key(r): r for r in rows}
 
     def key(self, folder: Path) -> str:
         return str(folder.resolve())
@@ -171,14 +207,24 @@ class Results:
         self.refresh()
         return self.key(folder) in self.rows
 
+    def has_task(self, folder: Path, task: str, task_hash: str) -> bool:
+        """Whether this model's score on this task, as the task is now (its hash), is in the file."""
+        self.refresh()
+        row = self.rows.get(row_key({"model": self.key(folder), "task": task}))
+        return row is not None and row["task_hash"] == task_hash
+
     def add(self, row: dict[str, Any]) -> None:
-        key = self.key(Path(row["model"]))
-        self.rows[key] = {**row, "model": key}
+        row = {**row, "model": self.key(Path(row["model"]))}
+        key = row_key(row)
+        self.rows[key] = row
         self._mine.add(key)
         self.save()
 
     def sorted_rows(self) -> list[dict[str, Any]]:
-        return sorted(self.rows.values(), key=lambda r: (r["method"] != "original", r["method"], r["step"] or 0))
+        return sorted(
+            self.rows.values(),
+            key=lambda r: (r["method"] != "original", r["method"], r["step"] or 0, r.get("task", "")),
+        )
 
     def save(self) -> None:
         """Merge with what the file holds now and write both files, under the lock where there is one."""
@@ -188,7 +234,10 @@ class Results:
             with self._locked() as locked:
                 on_disk = self._read()
                 for key in self._mine:
-                    on_disk.setdefault(key, self.rows[key])
+                    there = on_disk.get(key)
+                    # the first writer of a row wins, unless it scored a task as it was before a change
+                    if there is None or there.get("task_hash") != self.rows[key].get("task_hash"):
+                        on_disk[key] = self.rows[key]
                 self.rows = on_disk
                 self._write()
             if locked or self._mine <= set(self._read()):
@@ -235,16 +284,27 @@ class Results:
     def _write(self) -> None:
         assert self.path is not None
         rows = self.sorted_rows()
-        text = json.dumps({"slice": asdict(self.slice), "rows": rows}, indent=2, allow_nan=False) + "\n"
+        sl = None if self.slice is None else asdict(self.slice)
+        text = json.dumps({"slice": sl, "rows": rows}, indent=2, allow_nan=False) + "\n"
         buf = io.StringIO()
         out = csv.writer(buf, lineterminator="\n")
         out.writerow(["method", "step", "loss", "ppl", "tokens", "model"])
-        for r in rows:
+        for r in loss_rows(rows):
             step = "" if r["step"] is None else r["step"]
             ppl = "inf" if r["ppl"] is None else f"{r['ppl']:.4f}"
             out.writerow([r["method"], step, f"{r['loss']:.6f}", ppl, r["tokens"], r["model"]])
         _replace(self.path, text)
-        _replace(self.path.with_suffix(".csv"), buf.getvalue())
+        if self.slice is not None:  # a file of downstream rows only has no losses to list
+            _replace(self.path.with_suffix(".csv"), buf.getvalue())
+        if task_rows(rows):  # long format: one line per model, task and metric
+            buf = io.StringIO()
+            out = csv.writer(buf, lineterminator="\n")
+            out.writerow(["method", "step", "task", "metric", "value", "n", "model"])
+            for r in task_rows(rows):
+                step = "" if r["step"] is None else r["step"]
+                for name, v in r["metrics"].items():
+                    out.writerow([r["method"], step, r["task"], name, "inf" if v is None else v, r["n"], r["model"]])
+            _replace(self.path.with_suffix(".tasks.csv"), buf.getvalue())
 
 
 def _replace(path: Path, text: str) -> None:
