@@ -26,29 +26,37 @@ lint:
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy src
 
-# LAWA, EMA and SWA over the tiny Pythia-layout run that ships in examples/, then their held-out loss
-# beside the original checkpoints' (about 15 s, mostly start-up).
+# LAWA, EMA and SWA over the tiny trained run that ships in examples/, then their held-out loss beside
+# the original checkpoints' (the table; LAWA is below the run) and the curves (about 30 s on two busy
+# cores, mostly start-up). One thread: a 108K-parameter model gains nothing from more, and on a busy
+# machine two oversubscribed threads made the eval 1.3-3.6x slower (measured).
+example: export OMP_NUM_THREADS ?= 1
 example:
 	$(BIN)/ckptavg ls examples/tiny-run
 	$(BIN)/ckptavg lawa examples/tiny-run --steps 5000:10000 --k 5 --interval 1000 --out $(EXAMPLE_OUT)/lawa
-	$(BIN)/ckptavg ema examples/tiny-run --steps 1000:10000 --decay 0.9 --interval 3000 --out $(EXAMPLE_OUT)/ema
+	$(BIN)/ckptavg ema examples/tiny-run --steps 1000:10000 --decay 0.7 --interval 3000 --out $(EXAMPLE_OUT)/ema
 	$(BIN)/ckptavg swa examples/tiny-run --steps 6000:10000 --start 6000 --every 1000 --interval 2000 --out $(EXAMPLE_OUT)/swa
-	$(BIN)/ckptavg eval --run examples/tiny-run --steps 5000:10000:1000 $(EXAMPLE_OUT)/lawa/step* $(EXAMPLE_OUT)/ema/step* \
-		$(EXAMPLE_OUT)/swa/step* --data examples/heldout.txt --results $(EXAMPLE_OUT)/results.json
-	$(BIN)/ckptavg plot $(EXAMPLE_OUT)/results.json -o $(EXAMPLE_OUT)/curves.png
+	$(BIN)/ckptavg eval --run examples/tiny-run --steps 1000:10000:1000 $(EXAMPLE_OUT)/lawa/step* $(EXAMPLE_OUT)/ema/step* \
+		$(EXAMPLE_OUT)/swa/step* --data examples/heldout.txt --max-tokens 8192 --results $(EXAMPLE_OUT)/results.json
+	$(BIN)/ckptavg plot $(EXAMPLE_OUT)/results.json -o $(EXAMPLE_OUT)/curves.png --title "examples/tiny-run (lr 3e-2)"
 
-# Regenerate the example run (real files: transformers config/tokenizer, torch.save'd fp16 .bin).
+# Regenerate the example run: the `make study` model trained on the CPU for 10000 steps at lr 3e-2, a
+# checkpoint every 1000 as Pythia's fp16 pytorch_model.bin, and examples/heldout.txt, the last 10% of the
+# text, never trained on (9-11 minutes on two busy cores). Seeded, on one thread: the same torch build gives
+# the same files; other builds or CPUs give close, not identical, weights. Then the nanoGPT example
+# (random weights, for the format) from the test factories.
 example-data:
 	rm -rf examples/tiny-run examples/tiny-nanogpt
-	$(BIN)/python tests/factories.py examples/tiny-run
-	$(BIN)/python tests/factories.py examples/tiny-nanogpt nanogpt
+	$(BIN)/python examples/study/train.py --text examples/study/genesis-kjv.txt --lr 3e-2 --steps 10000 \
+		--save-every 1000 --batch 8 --seed 0 --threads 1 --format bin --out examples/tiny-run
+	$(BIN)/python tests/factories.py examples/tiny-nanogpt
 
-# Each scenario generates its synthetic checkpoints under BENCH_DATA first (tens of GB); see benchmarks/README.md.
 # The paper in miniature: a tiny GPT-NeoX trained on the CPU at two learning rates, then averaged,
 # evaluated and plotted (about four minutes). See examples/study/ and README.
 study:
 	bash examples/study/run.sh study
 
+# Each scenario generates its synthetic checkpoints under BENCH_DATA first (tens of GB); see benchmarks/README.md.
 bench:
 	$(BIN)/python benchmarks/run.py 1b-window --repeat 2
 	$(BIN)/python benchmarks/run.py 12b-slice-window --repeat 2

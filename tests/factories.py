@@ -5,8 +5,9 @@ Pythia-layout runs: a tiny ``GPTNeoXForCausalLM`` whose weights drift with the s
 or by ``save_pretrained`` as (sharded) safetensors. nanoGPT runs: ``torch.save`` of the dict nanoGPT's
 train.py writes, with ``_orig_mod.`` keys and the tied embedding.
 
-Also a script: ``python tests/factories.py examples/tiny-run`` (and ``examples/tiny-nanogpt nanogpt``)
-regenerates the examples that ship.
+Also a script: ``python tests/factories.py examples/tiny-nanogpt`` regenerates the nanoGPT example that
+ships (``make example-data``). The Pythia-layout example, examples/tiny-run, is a real training run made by
+examples/study/train.py, not by these factories.
 """
 
 from __future__ import annotations
@@ -193,10 +194,7 @@ def write_nanogpt_ckpt(path: Path, step: int, *, compiled: bool = True) -> dict[
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/tiny-run")
-    if len(sys.argv) > 2 and sys.argv[2] == "nanogpt":
-        for step in range(1000, 4001, 1000):
-            write_nanogpt_ckpt(target / f"ckpt_{step}.pt", step)
-    else:
-        write_pythia_run(target, list(range(1000, 10001, 1000)))
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "examples/tiny-nanogpt")
+    for step in range(1000, 4001, 1000):
+        write_nanogpt_ckpt(target / f"ckpt_{step}.pt", step)
     print(target)

@@ -157,8 +157,12 @@ def test_nanogpt_outputs_are_evaluated_through_gpt2(tmp_path: Path):
     assert math.isfinite(row["loss"]) and row["tokens"] == 12 * 31
 
 
-def test_study_trainer_writes_a_pythia_layout_run(tmp_path: Path):
-    """make study's trainer, shortened: its checkpoints are a run that ckptavg averages and evaluates."""
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_study_trainer_writes_a_pythia_layout_run(tmp_path: Path, fmt: str):
+    """make study's trainer, shortened: its checkpoints are a run that ckptavg averages and evaluates.
+
+    ``bin`` is how examples/tiny-run is made: Pythia's fp16 pytorch_model.bin, head named embed_out.
+    """
     import subprocess
     import sys
 
@@ -177,6 +181,8 @@ def test_study_trainer_writes_a_pythia_layout_run(tmp_path: Path):
             "10",
             "--warmup",
             "5",
+            "--format",
+            fmt,
             "--out",
             str(tmp_path / "lr3e-3"),
         ],
@@ -185,6 +191,10 @@ def test_study_trainer_writes_a_pythia_layout_run(tmp_path: Path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "lr3e-3").iterdir()) == ["step10", "step20", "step30", "step40"]
+    if fmt == "bin":
+        state = torch.load(tmp_path / "lr3e-3" / "step40" / "pytorch_model.bin", weights_only=True)
+        assert "embed_out.weight" in state and "gpt_neox.layers.0.attention.masked_bias" in state
+        assert {t.dtype for t in state.values()} == {torch.float16, torch.bool}
     plan = api.plan_lawa(str(tmp_path / "lr3e-3"), StepRange(40, 40), k=3, out=tmp_path / "lawa")
     api.average(plan)
     sl = evaluate.make_slice(tmp_path / "heldout.txt", max_tokens=2048, seq_len=64)
