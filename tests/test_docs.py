@@ -29,6 +29,7 @@ OTHERS = {
     "--fault": "benchmarks/hub.py",
     "--repeat": "benchmarks/run.py",
     "--help": "every command (click)",
+    **{f: "examples/study/train.py" for f in ("--batch", "--lr", "--save-every", "--seed", "--threads")},
 }
 
 
