@@ -77,3 +77,23 @@ def test_endpoint_credentials_never_reach_an_error_line(hub: HubServer, tmp_path
                "--tokenizer", "nobody/nothing", "--cache-dir", tmp_path / "cache", "--endpoint", endpoint)  # fmt: skip
     assert r.exit_code in (1, 2)
     assert SECRET not in r.output
+
+
+# ---------------------------------------------------------------- plot: names are text, not TeX
+
+
+def test_plot_draws_a_task_named_with_dollar_signs(tmp_path: Path):
+    """A task's name comes from its YAML (and a results file from anywhere): matplotlib parsed
+    '$...$' in it as TeX, and an unknown command stopped plot with a 60-line traceback."""
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"model": f"lawa/step{s}", "method": "lawa", "step": s, "task": r"price $\approxx$ cost", "task_hash": "h",
+         "n": 4, "metrics": {"acc": 0.25 * s}}
+        for s in (1, 2)
+    ]  # fmt: skip
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"slice": None, "rows": rows}))
+    r = invoke("plot", results, "-o", tmp_path / "p.png")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
