@@ -97,3 +97,20 @@ def test_plot_draws_a_task_named_with_dollar_signs(tmp_path: Path):
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == str(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- provenance's cwd
+
+
+def test_a_run_from_a_removed_directory_records_no_cwd(bare: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A shell left in a folder that was removed since (a scratch dir, a job's submit dir): every path
+    given is absolute, so the run works, but provenance's os.getcwd() raised FileNotFoundError and the
+    run ended in a traceback."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    r = invoke("lawa", bare, "--steps", "3000:3000", "--k", "2", "--out", tmp_path / "lawa")
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "lawa" / "step3000" / "ckptavg.json").read_text())
+    assert record["cwd"] is None

@@ -25,7 +25,7 @@ import torch
 
 from ckptavg import __version__, engine, runner, schedule
 from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OptionError, OutputError
-from ckptavg.outputs import check_outputs, check_writable
+from ckptavg.outputs import check_outputs, check_writable, working_dir
 from ckptavg.progress import Reporter, one_line
 from ckptavg.sources import Checkpoint, Source, open_checkpoint, open_run
 from ckptavg.sources.extras import Tokenizer, has_tokenizer, sha256_file
@@ -391,7 +391,7 @@ def provenance(plan: Plan, j: int, opts: Options, digests: dict[str, str] | None
             if digests and f.get("path") in digests:
                 f["sha256"] = digests[f["path"]]
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    record["cwd"] = os.getcwd()
+    record["cwd"] = working_dir()
     record["origin"] = dict(plan.origin)
     if opts.tokenizer is not None:
         record["tokenizer_origin"] = dict(opts.tokenizer.origin)
