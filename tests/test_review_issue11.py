@@ -114,3 +114,30 @@ def test_a_run_from_a_removed_directory_records_no_cwd(bare: Path, tmp_path: Pat
     assert r.exit_code == 0, r.output
     record = json.loads((tmp_path / "lawa" / "step3000" / "ckptavg.json").read_text())
     assert record["cwd"] is None
+
+
+# ---------------------------------------------------------------- eval --tasks: a task YAML is code
+
+
+def test_a_task_yaml_runs_the_python_it_names_and_the_readme_says_so(tmp_path: Path):
+    """lm-eval imports the module a task YAML names with '!function' (from beside the YAML), so --tasks
+    FILE.yaml and --include-path DIR run code from there: a trust boundary as real as a pickle's, which
+    the README's Safety section did not state."""
+    pytest.importorskip("lm_eval")
+    from ckptavg.downstream import load_tasks
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "tasks"
+    task = tmp_path / "tasks"
+    task.mkdir()
+    (task / "items.jsonl").write_bytes((examples / "genesis_heldout.jsonl").read_bytes())
+    (task / "loader.py").write_text(
+        (examples / "local_json.py").read_text() + "\n(HERE / 'ran').write_text('imported')\n"
+    )
+    yaml = (examples / "genesis_heldout.yaml").read_text()
+    yaml = yaml.replace("genesis_heldout.jsonl", "items.jsonl").replace("local_json.load", "loader.load")
+    (task / "t.yaml").write_text(yaml.replace("task: genesis_heldout", "task: code_runs"))
+    load_tasks([str(task / "t.yaml")], limit=2)
+    assert (task / "ran").read_text() == "imported"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    safety = readme.split("\n## Safety\n", 1)[1].split("\n## ", 1)[0]
+    assert "!function" in safety and "--include-path" in safety

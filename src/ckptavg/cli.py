@@ -1046,7 +1046,8 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     "--include-path",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="With --tasks: a folder of local task YAML files (examples/tasks).",
+    help="With --tasks: a folder of local task YAML files (examples/tasks); a YAML's !function runs Python "
+    "from beside it, so give only folders you trust.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="With --tasks: score the first N examples.")
 @_eval_options
