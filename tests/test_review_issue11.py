@@ -141,3 +141,19 @@ def test_a_task_yaml_runs_the_python_it_names_and_the_readme_says_so(tmp_path: P
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     safety = readme.split("\n## Safety\n", 1)[1].split("\n## ", 1)[0]
     assert "!function" in safety and "--include-path" in safety
+
+
+# ---------------------------------------------------------------- --revision-pattern: a step too long to be one
+
+
+def test_a_revision_with_an_absurd_step_is_no_step_of_the_run(hub: HubServer, tmp_path: Path):
+    """A server listing a branch 'step999...9' with 5000 digits made every command on the repo end in
+    a traceback (int() refuses more than 4300 digits). No training step has that many: the run is its
+    other revisions."""
+    hub.faults["branches"] = {"step" + "9" * 5000: "c" * 40}
+    try:
+        r = invoke("ls", "--repo", RUN_REPO, "--endpoint", hub.url, "--cache-dir", tmp_path / "cache", "--json")
+    finally:
+        del hub.faults["branches"]
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line)["step"] for line in r.stdout.splitlines()] == STEPS
