@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import error_line
 from factories import write_pythia_run, write_pythia_step
 from hub_server import HubServer
 
@@ -157,3 +158,31 @@ def test_a_revision_with_an_absurd_step_is_no_step_of_the_run(hub: HubServer, tm
         del hub.faults["branches"]
     assert r.exit_code == 0, r.output
     assert [json.loads(line)["step"] for line in r.stdout.splitlines()] == STEPS
+
+
+# ---------------------------------------------------------------- an output's ckptavg.json is read from disk
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"members": [1, 2]},
+        {"params": [1]},
+        {"members": [{"step": 3000, "files": "model.safetensors"}]},
+        {"members": [{"step": 3000, "files": [7]}]},
+        {"tokenizer": ["tokenizer.json"]},
+    ],
+)
+def test_an_output_whose_record_was_edited_is_refused_in_one_line(bare: Path, tmp_path: Path, damage: dict):
+    """An existing output whose ckptavg.json another tool, an older schema or a hand edit left in another
+    shape: saying what differs from this plan crashed (AttributeError/TypeError traceback) instead of
+    refusing the folder in one line."""
+    out = tmp_path / "lawa"
+    assert invoke("lawa", bare, "--steps", "3000:3000", "--k", "2", "--out", out).exit_code == 0
+    record_file = out / "step3000" / "ckptavg.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, **damage, "plan_id": "0" * 16}))
+    r = invoke("lawa", bare, "--steps", "3000:3000", "--k", "2", "--out", out)
+    assert error_line(r) == (
+        f"{out / 'step3000'}: already exists and was not made by this plan; pass --overwrite to replace it"
+    )

@@ -539,8 +539,24 @@ def output_changes(plan: Plan, opts: Options, states: Sequence[str]) -> list[str
     found: list[str | None] = []
     for j, state in enumerate(states):
         old = _finished_record(plan.outputs[j]) if state == "other" else None
-        found.append(None if old is None else plan_changes(old, plan_record(plan, j, opts)))
+        found.append(None if old is None or not _comparable(old) else plan_changes(old, plan_record(plan, j, opts)))
     return found
+
+
+def _comparable(record: dict[str, Any]) -> bool:
+    """Whether a ckptavg.json read from disk has the shape ``plan_changes`` compares (an edited, damaged or
+    foreign one may not: it gets the plain 'not made by this plan' line, never a traceback)."""
+    params, members = record.get("params", {}), record.get("members", [])
+    if not isinstance(params, dict) or not isinstance(members, list):
+        return False
+    if not isinstance(record.get("tokenizer") or {}, dict):
+        return False
+    for m in members:
+        if not isinstance(m, dict) or not isinstance(m.get("files", []), list):
+            return False
+        if not all(isinstance(f, dict) for f in m.get("files", [])):
+            return False
+    return True
 
 
 def touch_output(out: Path) -> None:
