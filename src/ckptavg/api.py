@@ -25,7 +25,7 @@ import torch
 
 from ckptavg import __version__, engine, runner, schedule
 from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OptionError, OutputError
-from ckptavg.outputs import check_outputs, check_writable
+from ckptavg.outputs import check_outputs, check_writable, working_dir
 from ckptavg.progress import Reporter, one_line
 from ckptavg.sources import Checkpoint, Source, open_checkpoint, open_run
 from ckptavg.sources.extras import Tokenizer, has_tokenizer, sha256_file
@@ -391,7 +391,7 @@ def provenance(plan: Plan, j: int, opts: Options, digests: dict[str, str] | None
             if digests and f.get("path") in digests:
                 f["sha256"] = digests[f["path"]]
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    record["cwd"] = os.getcwd()
+    record["cwd"] = working_dir()
     record["origin"] = dict(plan.origin)
     if opts.tokenizer is not None:
         record["tokenizer_origin"] = dict(opts.tokenizer.origin)
@@ -539,8 +539,24 @@ def output_changes(plan: Plan, opts: Options, states: Sequence[str]) -> list[str
     found: list[str | None] = []
     for j, state in enumerate(states):
         old = _finished_record(plan.outputs[j]) if state == "other" else None
-        found.append(None if old is None else plan_changes(old, plan_record(plan, j, opts)))
+        found.append(None if old is None or not _comparable(old) else plan_changes(old, plan_record(plan, j, opts)))
     return found
+
+
+def _comparable(record: dict[str, Any]) -> bool:
+    """Whether a ckptavg.json read from disk has the shape ``plan_changes`` compares (an edited, damaged or
+    foreign one may not: it gets the plain 'not made by this plan' line, never a traceback)."""
+    params, members = record.get("params", {}), record.get("members", [])
+    if not isinstance(params, dict) or not isinstance(members, list):
+        return False
+    if not isinstance(record.get("tokenizer") or {}, dict):
+        return False
+    for m in members:
+        if not isinstance(m, dict) or not isinstance(m.get("files", []), list):
+            return False
+        if not all(isinstance(f, dict) for f in m.get("files", [])):
+            return False
+    return True
 
 
 def touch_output(out: Path) -> None:

@@ -26,7 +26,7 @@ from ckptavg.errors import CkptavgError, InvalidArgumentError, OptionError
 from ckptavg.sizes import SIZE
 from ckptavg.slurm import MAX_CPUS, SLURM_MEMORY, SLURM_NAME, SLURM_TIME, TokenSource, job_script, shell_quote
 from ckptavg.steps import STEP_RANGE, STEP_RANGE_FLOAT
-from ckptavg.tokens import ENV, Redactor, resolve_token
+from ckptavg.tokens import ENV, Redactor, resolve_token, url_secrets
 
 if TYPE_CHECKING:
     from ckptavg.api import Plan
@@ -55,12 +55,24 @@ def _token_values(args: list[str]) -> Iterator[str]:
             yield arg.partition("=")[2]
 
 
+def _endpoint_secrets(args: list[str]) -> Iterator[str]:
+    """The credentials in the user:password@ part of $HF_ENDPOINT and of every --endpoint value."""
+    urls = [os.environ.get("HF_ENDPOINT")]
+    for i, arg in enumerate(args):
+        if arg == "--endpoint" and i + 1 < len(args):
+            urls.append(args[i + 1])
+        elif arg.startswith("--endpoint="):
+            urls.append(arg.partition("=")[2])
+    for url in urls:
+        yield from url_secrets(url)
+
+
 class _Cli(click.Group):
     """Turns library errors into one line and exit code 1 (Click's own usage errors exit 2).
 
     Nothing it prints holds a token: messages, tracebacks (CKPTAVG_DEBUG=1, or a bug's), log records and
-    warnings pass through the invocation's Redactor, which knows $HF_TOKEN, every --token value and the
-    token a command resolved.
+    warnings pass through the invocation's Redactor, which knows $HF_TOKEN, every --token value, the
+    token a command resolved and the credentials of an endpoint URL (user:password@).
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -68,7 +80,8 @@ class _Cli(click.Group):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
-        redactor = ctx.meta[_REDACTOR] = Redactor(os.environ.get(ENV), *_token_values(ctx.meta.get(_ARGS, [])))
+        args = ctx.meta.get(_ARGS, [])
+        redactor = ctx.meta[_REDACTOR] = Redactor(os.environ.get(ENV), *_token_values(args), *_endpoint_secrets(args))
         with redactor.active():
             try:
                 return super().invoke(ctx)
@@ -1033,7 +1046,8 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     "--include-path",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="With --tasks: a folder of local task YAML files (examples/tasks).",
+    help="With --tasks: a folder of local task YAML files (examples/tasks); a YAML's !function runs Python "
+    "from beside it, so give only folders you trust.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="With --tasks: score the first N examples.")
 @_eval_options

@@ -20,7 +20,7 @@ import torch
 
 from ckptavg import __version__, scratch
 from ckptavg.errors import InvalidCheckpointError, OutputError
-from ckptavg.outputs import check_name, check_outputs, check_writable
+from ckptavg.outputs import check_name, check_outputs, check_writable, working_dir
 from ckptavg.sources import open_checkpoint
 from ckptavg.sources.checkpoint import read_state
 from ckptavg.sources.extras import tokenizer_files as folder_tokenizer_files
@@ -207,7 +207,7 @@ def provenance(src: Path, tokenizer: Path | None) -> dict[str, Any]:
         "tool": "ckptavg",
         "version": __version__,
         "from": str(src),
-        "cwd": os.getcwd(),
+        "cwd": working_dir(),
         "format": "gpt2 (transformers)",
         "tokenizer": None if tokenizer is None else str(tokenizer.absolute()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -168,3 +168,12 @@ def _component_matches(name: str, pat: str) -> bool:
     if name.startswith(".") and not pat.startswith("."):  # glob skips hidden names unless asked
         return False
     return fnmatchcase(name, pat)
+
+
+def working_dir() -> str | None:
+    """The current directory, as provenance records it (relative paths resolve against it), or None where
+    it cannot be told: a shell left in a folder that was removed since, where absolute paths still work."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None

@@ -83,6 +83,11 @@ def savings(lines: dict[str, list[tuple[int, float]]]) -> dict[str, int | None]:
     return {m: next((s for s, loss in pts if loss <= target), None) for m, pts in lines.items()}
 
 
+# Titles and labels are names from files (task names, methods, folder and file names): drawn as written,
+# never parsed as TeX, where a '$\x$' in a name would stop the plot with a mathtext error.
+_PLAIN_TEXT = {"text.parse_math": False}
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -117,15 +122,16 @@ def plot_interpolation(points: list[tuple[float, float]], out: Path, title: str)
     if not points or not all(math.isfinite(v) for _, v in points):
         raise OutputError(f"{out}: no finite losses to plot")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
-    ax.plot([a for a, _ in points], [v for _, v in points], marker="o", color="tab:red")
-    ax.set_xlabel("alpha  (alpha * A + (1 - alpha) * B)")
-    ax.set_ylabel("held-out loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, out)
-    plt.close(fig)
+    with plt.rc_context(_PLAIN_TEXT):
+        fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+        ax.plot([a for a, _ in points], [v for _, v in points], marker="o", color="tab:red")
+        ax.set_xlabel("alpha  (alpha * A + (1 - alpha) * B)")
+        ax.set_ylabel("held-out loss")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _save(fig, out)
+        plt.close(fig)
 
 
 def plot(results: Path, out: Path, title: str | None = None, option: str = "-o") -> dict[str, int | None]:
@@ -136,6 +142,20 @@ def plot(results: Path, out: Path, title: str | None = None, option: str = "-o")
     panels = task_curves(task_rows(rows))
     plt = _pyplot()
     reached = savings(lines)
+    with plt.rc_context(_PLAIN_TEXT):
+        _draw(plt, results, out, title, lines, panels, reached)
+    return reached
+
+
+def _draw(
+    plt: Any,
+    results: Path,
+    out: Path,
+    title: str | None,
+    lines: dict[str, list[tuple[int, float]]],
+    panels: dict[tuple[str, str], dict[str, list[tuple[int, float]]]],
+    reached: dict[str, int | None],
+) -> None:
     if not panels:  # a loss-only file: the one panel it always had
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         _loss_panel(ax, lines, reached)
@@ -157,7 +177,6 @@ def plot(results: Path, out: Path, title: str | None = None, option: str = "-o")
     fig.tight_layout()
     _save(fig, out)
     plt.close(fig)
-    return reached
 
 
 def _line(ax: Any, method: str, pts: list[tuple[int, float]], label: str) -> None:

@@ -21,10 +21,11 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ckptavg.errors import TokenError
 
-__all__ = ["Redactor", "clean_token", "read_token_file", "resolve_token"]
+__all__ = ["Redactor", "clean_token", "public_url", "read_token_file", "resolve_token", "url_secrets"]
 
 MASK = "***"
 ENV = "HF_TOKEN"
@@ -100,6 +101,32 @@ def clean_token(token: str | None, origin: str) -> str | None:
             "ASCII without spaces: copy it again (it was not sent)"
         )
     return token or None
+
+
+def public_url(url: str | None) -> str | None:
+    """``url`` without the credentials a ``user:password@`` part carries (a mirror's HF_ENDPOINT may hold
+    them): what provenance records and messages show. The whole user part goes, since some servers take
+    a token as the user name."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The secrets in ``url``'s ``user:password@`` part, as given and percent-decoded (the password; the user
+    name only where it stands alone, as a token given as the user name does): what a Redactor must hide
+    in text that quotes the URL (a client's traceback, a log record)."""
+    if not url:
+        return []
+    userinfo = urlsplit(url).netloc.rpartition("@")[0]
+    if not userinfo:
+        return []
+    user, colon, password = userinfo.partition(":")
+    found = [userinfo, password] if colon else [user]  # a user name beside a password is no secret
+    return [s for s in {*found, *(unquote(f) for f in found)} if s]
 
 
 def _spellings(secret: str) -> set[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptavg.errors import HubError, InvalidArgumentError, InvalidCheckpointError
+from ckptavg.tokens import public_url
 
 EXTRA_FILES = frozenset(
     {
@@ -161,10 +162,10 @@ def resolve_tokenizer(
         raise InvalidArgumentError(f"{option} {spec}: no such folder, and not a Hub repository id (ORG/NAME)")
     folder = _fetch(spec, endpoint=endpoint, token=token, cache_dir=cache_dir, option=option)
     files = {n: p for n, p in extra_files(folder).items() if n in TOKENIZER_FILES}
-    where = endpoint or "the Hugging Face Hub"
+    where = public_url(endpoint) or "the Hugging Face Hub"
     if not files:
         raise HubError(f"{option} {spec}: the repository on {where} holds no tokenizer files", repo=spec)
-    return Tokenizer(folder, files, {"repo": spec, "endpoint": endpoint, "commit": folder.name})
+    return Tokenizer(folder, files, {"repo": spec, "endpoint": public_url(endpoint), "commit": folder.name})
 
 
 def _fetch(spec: str, *, endpoint: str | None, token: str | None, cache_dir: str | None, option: str) -> Path:
@@ -173,7 +174,7 @@ def _fetch(spec: str, *, endpoint: str | None, token: str | None, cache_dir: str
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
-    host = endpoint or "the Hugging Face Hub"
+    host = public_url(endpoint) or "the Hugging Face Hub"
     fail = f"{option} {spec}: no such folder, and"
     try:
         return Path(

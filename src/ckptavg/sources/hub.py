@@ -48,6 +48,7 @@ from ckptavg.sources.revisions import DEFAULT_PATTERN, RevisionPattern
 from ckptavg.sources.safetensors_file import read_safetensors_header
 from ckptavg.sources.source import Listing
 from ckptavg.sources.torch_file import read_torch_structure, state_dict_entries
+from ckptavg.tokens import public_url
 
 MAX_TREE_PAGES = 1000  # a revision's file list is a page or two; this many means the pages never end
 
@@ -85,7 +86,8 @@ class HubSource:
         self.repo = repo
         self.label = repo
         self.discovered_from: str | None = None  # nothing local is discovered as input
-        self.origin: dict[str, Any] = {"repo": repo, "endpoint": endpoint, "revision_pattern": pattern.text}
+        # Without a user:password@ part: provenance goes wherever the outputs go.
+        self.origin: dict[str, Any] = {"repo": repo, "endpoint": public_url(endpoint), "revision_pattern": pattern.text}
         self.retry = retry or RetryPolicy.with_total(retry_time)
         self.endpoint = endpoint
         self.token = token
@@ -130,7 +132,7 @@ class HubSource:
             RevisionNotFoundError,
         )
 
-        where = f"{self.repo} on {self.endpoint or 'the Hugging Face Hub'}"
+        where = f"{self.repo} on {public_url(self.endpoint) or 'the Hugging Face Hub'}"
         try:
             return fn()
         except (GatedRepoError, RepositoryNotFoundError) as e:
@@ -495,7 +497,8 @@ class HubSource:
             raise UnsafeServerValueError(f"{where} is not a URL")
         following = urldefrag(urljoin(url, link)).url  # a fragment is never sent: not a new page
         if urlsplit(following).netloc != urlsplit(self.api.endpoint).netloc:
-            raise UnsafeServerValueError(f"{where} is on another host than {self.api.endpoint}; not followed")
+            host = public_url(self.api.endpoint)
+            raise UnsafeServerValueError(f"{where} is on another host than {host}; not followed")
         if following in seen or len(seen) >= MAX_TREE_PAGES:
             raise HubError(f"{where} was listed before (or is page {MAX_TREE_PAGES + 1}): the pages do not end")
         seen.add(following)

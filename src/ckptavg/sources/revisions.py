@@ -13,7 +13,8 @@ of ``{*}``:
 ``{step}`` is the step number in canonical digits (``step7``, never ``step007``); ``{step:0Nd}`` is it
 zero-padded to at least N digits, as Python's ``format(step, "0Nd")`` writes it (``ckpt_{step:03d}``
 matches ``ckpt_007`` and ``ckpt_1234``, not ``ckpt_07``): a name matches only if formatting its step back
-gives exactly its digits, so no two spellings of one step both match. ``{*}`` is any run of characters
+gives exactly its digits, so no two spellings of one step both match; a step has at most 18 significant
+digits (a name with more is no step). ``{*}`` is any run of characters
 but ``/``, as short as the rest of the name allows. ``{{`` and ``}}`` are literal braces.
 
 The step is read from the name, never from the order of the revisions: LLM360's ``ckpt_005`` is step 5,
@@ -31,6 +32,7 @@ from ckptavg.errors import InvalidArgumentError, InvalidRunError
 _FIELD = re.compile(r"\{([^{}]*)\}")
 _SPEC = re.compile(r"0([1-9][0-9]?)d|d")  # {step:d} is {step}; {step:03d} pads with zeros to 3 digits
 _WILDCARD = "(?:[^/]*?)"
+MAX_STEP_DIGITS = 18  # a step fits an int64; a longer digit run in a listed name is no step (int() refuses 4300+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ class RevisionPattern:
     def match(self, name: str) -> int | None:
         """The step that revision ``name`` stands for, or None when the pattern does not match it."""
         m = self.regex.fullmatch(name)
-        return None if m is None else int(m.group("step"))
+        if m is None or len(m.group("step").lstrip("0")) > MAX_STEP_DIGITS:  # a server's junk, never a step
+            return None
+        return int(m.group("step"))
 
     def steps(self, names: Iterable[str], where: str) -> dict[int, str]:
         """Step -> revision name, for the names that match. Two names of one step are refused (``where``
