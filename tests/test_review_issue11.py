@@ -80,6 +80,19 @@ def test_endpoint_credentials_never_reach_an_error_line(hub: HubServer, tmp_path
     assert SECRET not in r.output
 
 
+def test_a_credentialed_endpoint_follows_its_own_tree_pages(hub: HubServer, tmp_path: Path):
+    """The Hub links the next page of a tree listing without the endpoint's user:password@ part: it is the
+    same host, so it is followed (it was refused as 'another host' when hosts were compared with it)."""
+    hub.faults["page"] = 1
+    try:
+        r = invoke("lawa", "--repo", RUN_REPO, "--steps", "3000:3000", "--k", "2", "--out", tmp_path / "o",
+                   "--cache-dir", tmp_path / "cache", "--endpoint", with_credentials(hub.url))  # fmt: skip
+    finally:
+        hub.faults.pop("page")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "step3000" / "model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------- plot: names are text, not TeX
 
 

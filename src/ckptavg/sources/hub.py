@@ -316,7 +316,7 @@ class HubSource:
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
         # The token goes to the Hub, not to a storage host its HEAD redirected to (a signed URL needs none).
-        same_host = urlsplit(url).netloc == urlsplit(self.api.endpoint).netloc
+        same_host = _same_origin(url, self.api.endpoint)
         headers = build_hf_headers(token=self.token if same_host else False)
         headers["Accept-Encoding"] = "identity"  # the bytes of the file, counted as its size counts them
         if start:
@@ -496,7 +496,7 @@ class HubSource:
         if not isinstance(link, str):
             raise UnsafeServerValueError(f"{where} is not a URL")
         following = urldefrag(urljoin(url, link)).url  # a fragment is never sent: not a new page
-        if urlsplit(following).netloc != urlsplit(self.api.endpoint).netloc:
+        if not _same_origin(following, self.api.endpoint):
             host = public_url(self.api.endpoint)
             raise UnsafeServerValueError(f"{where} is on another host than {host}; not followed")
         if following in seen or len(seen) >= MAX_TREE_PAGES:
@@ -671,6 +671,16 @@ class HubFiles:
                 f"{self.label}/{filename}", "the downloaded file's tensors differ from its header as read when planning"
             )
         return part
+
+
+def _same_origin(a: str, b: str) -> bool:
+    """Same scheme, host and port: the token goes nowhere else (an endpoint's ``user:password@`` part is
+    not part of where a request goes, and an https endpoint's token never goes over http)."""
+    try:
+        x, y = urlsplit(a), urlsplit(b)
+        return (x.scheme.lower(), x.hostname, x.port) == (y.scheme.lower(), y.hostname, y.port)
+    except ValueError:  # a port that is not a number
+        return False
 
 
 def _evict(link: Path) -> None:
