@@ -155,7 +155,7 @@ def test_a_name_that_cannot_be_a_folder_is_refused_for_name_by_revision(tmp_path
         "--name-by revision: org/run@v1/step1 is called 'v1/step1', which cannot name an output folder; "
         "use --name-by step"
     )
-    for name in ("..", "", "a\u202eb"):
+    for name in ("..", "", "a\u202eb", ".ckptavg-tmp", ".hidden"):
         with pytest.raises(OutputError, match="cannot name an output folder"):
             api._revision_names(windows, {0: ckpt(0, "a"), 1: ckpt(1, "b"), 2: ckpt(2, name)})
 
@@ -432,3 +432,11 @@ def test_slurm_keeps_the_pattern_and_the_naming_in_its_command(hub: HubServer, t
     )
     assert r.exit_code == 0, r.output
     assert f"--revision-pattern '{OLMO_PATTERN}'" in r.stdout and "--name-by revision" in r.stdout
+
+
+def test_a_name_longer_than_a_file_name_is_no_step():
+    """Server-supplied names are bounded before matching: a {*} pattern costs more on long names, and no
+    output folder could carry such a name."""
+    pattern = RevisionPattern.parse("{*}-{*}-step{step}")
+    assert pattern.match("a-b-step7") == 7
+    assert pattern.match("-" * 300 + "step7") is None

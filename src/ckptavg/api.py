@@ -114,7 +114,8 @@ def _revision_names(windows: list[Window], members: dict[int, Checkpoint]) -> li
     names: dict[str, int] = {}
     for w in windows:
         c = members[w.steps[-1]]
-        if c.name in ("", ".", "..") or "/" in c.name or not c.name.isprintable():
+        # A hidden name (".x") could be taken for another output's temporary folder, which starts with a dot.
+        if not c.name or c.name.startswith(".") or "/" in c.name or not c.name.isprintable():
             raise OutputError(
                 f"--name-by revision: {one_line(c.label)} is called {c.name!r}, which cannot name an output "
                 "folder; use --name-by step"

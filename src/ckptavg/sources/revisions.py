@@ -32,6 +32,7 @@ from ckptavg.errors import InvalidArgumentError, InvalidRunError
 _FIELD = re.compile(r"\{([^{}]*)\}")
 _SPEC = re.compile(r"0([1-9][0-9]?)d|d")  # {step:d} is {step}; {step:03d} pads with zeros to 3 digits
 _WILDCARD = "(?:[^/]*?)"
+MAX_NAME = 255  # a revision name longer than a file name (NAME_MAX) is never a step
 MAX_STEP_DIGITS = 18  # a step fits an int64; a longer digit run in a listed name is no step (int() refuses 4300+)
 
 
@@ -88,6 +89,8 @@ class RevisionPattern:
 
     def match(self, name: str) -> int | None:
         """The step that revision ``name`` stands for, or None when the pattern does not match it."""
+        if len(name) > MAX_NAME:  # no folder could be named so; and {*} patterns cost more on long names
+            return None
         m = self.regex.fullmatch(name)
         if m is None or len(m.group("step").lstrip("0")) > MAX_STEP_DIGITS:  # a server's junk, never a step
             return None
