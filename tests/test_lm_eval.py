@@ -192,6 +192,21 @@ def test_a_bad_task_is_one_line_naming_it(run: Path, tmp_path: Path, tasks: str,
 
 
 @needs_lm_eval
+def test_a_task_named_with_a_tab_is_refused_before_any_model(run: Path, tmp_path: Path):
+    """A task's name is a column of the printed table and of the results file: a tab or line break in it
+    (a YAML may say anything) would break both."""
+    for f in ("genesis_next_word.jsonl", "local_json.py"):
+        shutil.copy(TASKS / f, tmp_path / f)
+    yaml = (TASKS / "genesis_next_word.yaml").read_text().replace("task: genesis_next_word", 'task: "next\\tword"')
+    (tmp_path / "tabbed.yaml").write_text(yaml)
+    r = CliRunner().invoke(cli, ["eval", str(run / "step1000"), "--tasks", str(tmp_path / "tabbed.yaml")])
+    assert error_line(r) == (
+        f"--tasks {tmp_path / 'tabbed.yaml'}: names a task 'next\\tword' with a tab, line break or other "
+        "control character"
+    )
+
+
+@needs_lm_eval
 @pytest.mark.slow  # indexes all of lm-eval's own tasks to know the name is none of them (tens of seconds)
 def test_an_unknown_task_name_is_one_line_naming_it(run: Path, tmp_path: Path):
     r = CliRunner().invoke(cli, ["eval", str(run / "step1000"), "--tasks", "genesis_next_word,no_such_task",
@@ -240,6 +255,8 @@ TASK_ROW = {
         ({"metrics": {"acc": "high"}}, "metric 'acc' is \"high\", not a finite number or null"),
         ({"task": ""}, "'task' is \"\", not a non-empty string"),
         ({"task_hash": None}, "'task_hash' is null, not a non-empty string"),
+        ({"task": "piqa\tlawa"}, "'task' is \"piqa\\tlawa\", which holds a tab, line break or other control character"),
+        ({"method": "lawa\n"}, "'method' is \"lawa\\n\", which holds a tab, line break or other control character"),
     ],
 )
 def test_a_task_row_is_checked_like_a_loss_row(change: dict, says: str):

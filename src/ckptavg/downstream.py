@@ -95,6 +95,10 @@ def load_tasks(specs: list[str], include_path: Path | None = None, limit: int | 
             except Exception as e:  # the boundary: a dataset it cannot fetch, a YAML it cannot read, ...
                 raise InvalidArgumentError(f"--tasks {spec}: lm-eval cannot load it ({_first_line(e)})") from e
             for name, task in loaded.items():
+                if not (isinstance(name, str) and name.isprintable()):  # a column of the printed table
+                    raise InvalidArgumentError(
+                        f"--tasks {spec}: names a task {name!r} with a tab, line break or other control character"
+                    )
                 if name not in tasks:
                     task.set_config(key="num_fewshot", value=0)  # zero-shot, as the paper; and in the hash
                     tasks[name] = Task(name, task, task_hash(task, limit))

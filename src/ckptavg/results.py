@@ -85,6 +85,9 @@ def check_row(path: Path, index: int, row: object, keys: tuple[str, ...] = ROW_K
     for k in ("model", "method", "task", "task_hash"):
         if k in keys and not (isinstance(row[k], str) and row[k]):
             raise bad(f"{k!r} is {_shown(row[k])}, not a non-empty string")
+    for k in ("method", "task", "task_hash"):  # printed as columns of a tab-separated table
+        if k in keys and not row[k].isprintable():
+            raise bad(f"{k!r} is {_shown(row[k])}, which holds a tab, line break or other control character")
     step = row["step"]
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise bad(f"'step' is {_shown(step)}, not a step number or null")
