@@ -454,8 +454,11 @@ def test_a_run_failed_by_a_hub_that_stays_down_keeps_its_progress_and_resumes_wi
     status = CliRunner().invoke(cli, ["status", *cmd])
     assert [ln.split("\t")[1] for ln in status.stdout.splitlines()] == ["partial"] * 3
     snapshots = tmp_path / "cache" / f"models--{SHARDED.replace('/', '--')}" / "snapshots"
-    kept = {p.parent.name for p in snapshots.glob(f"*/{second}")}  # commits whose second shard arrived
-    assert len(kept) == 3 and commit_of(SHARDED, "step1000") not in kept
+    # The other second shards download concurrently: those that arrived before the run gave up stay (how
+    # many depends on timing: all three on a quiet machine), and only the rest is fetched again below.
+    kept = {p.parent.name for p in snapshots.glob(f"*/{second}")}
+    members = {commit_of(SHARDED, f"step{s}") for s in (1000, 2000, 3000, 4000)}
+    assert kept < members and commit_of(SHARDED, "step1000") not in kept
 
     hub.requests.clear()
     again = CliRunner().invoke(cli, cmd)
@@ -464,7 +467,7 @@ def test_a_run_failed_by_a_hub_that_stays_down_keeps_its_progress_and_resumes_wi
     got = downloads(hub)
     assert not [r for r in got if "00001-of-00003" in r], got  # the first shards were done with
     again_second = {r.split()[1].split("/")[4] for r in got if second in r}
-    assert again_second == {commit_of(SHARDED, "step1000")}, got  # only the second shard that was missing
+    assert again_second == members - kept, got  # only the second shards that were missing
     assert_same_as_local_sharded(hub, out, tmp_path / "l")
 
 
