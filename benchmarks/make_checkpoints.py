@@ -32,6 +32,8 @@ PRESETS: dict[str, dict] = {
     "pythia-1b": dict(
         hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, vocab_size=50304, intermediate_size=8192
     ),
+    # A few MB, for benchmarks/gpu.sh --small (the script's logic, end to end, on any machine).
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=512, intermediate_size=256),
     # Two layers of pythia-12b (hidden 5120, 40 heads, vocab 50688, ffn 20480, 36 layers in the real one).
     "12b-slice": dict(
         hidden_size=5120, num_hidden_layers=2, num_attention_heads=40, vocab_size=50688, intermediate_size=20480

@@ -6,30 +6,79 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ckptavg import api
 from ckptavg.steps import StepRange
 
+PLANS = {
+    "lawa": lambda run, out: api.plan_lawa(run, StepRange(5000, 9000), k=5, interval=1000, out=out),
+    "ema": lambda run, out: api.plan_ema(run, StepRange(1000, 9000), interval=2000, out=out),
+    "swa": lambda run, out: api.plan_swa(run, StepRange(3000, 9000), every=1000, interval=2000, out=out),
+    "avg": lambda run, out: api.plan_avg(
+        [f"{run}/step{s}" for s in (1000, 4000, 9000)], weights=[0.2, 0.3, 0.5], out=out / "avg"
+    ),
+}
+
+
+def weights(plan: api.Plan) -> list[bytes]:
+    return [f.read_bytes() for p in plan.outputs for f in sorted(p.glob("*.safetensors"))]
+
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["lawa", "ema", "swa"])
-def test_cuda_matches_cpu(make_st_run, tmp_path: Path, method: str):
-    make_st_run(list(range(1000, 9001, 1000)), torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", sorted(PLANS))
+@pytest.mark.parametrize("chunk", [1000, None])  # small chunks across tensor borders, and the stage's own
+def test_cuda_gives_the_cpu_paths_bytes(make_st_run, tmp_path: Path, method: str, dtype: torch.dtype, chunk):
+    make_st_run(list(range(1000, 9001, 1000)), dtype)
     outs = {}
     for device in ("cpu", "cuda"):
-        out = tmp_path / device
-        if method == "lawa":
-            plan = api.plan_lawa(str(tmp_path / "run"), StepRange(5000, 9000), k=5, interval=1000, out=out)
-        elif method == "ema":
-            plan = api.plan_ema(str(tmp_path / "run"), StepRange(1000, 9000), interval=2000, out=out)
-        else:
-            plan = api.plan_swa(str(tmp_path / "run"), StepRange(3000, 9000), every=1000, interval=2000, out=out)
-        api.average(plan, api.Options(device=device, chunk=1000))
-        outs[device] = [load_file(p / "model.safetensors") for p in plan.outputs]
-    for a, b in zip(outs["cpu"], outs["cuda"], strict=True):
-        for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=torch.finfo(torch.float16).eps, atol=0)
+        plan = PLANS[method](str(tmp_path / "run"), tmp_path / device)
+        api.average(plan, api.Options(device=device, chunk=chunk))
+        outs[device] = weights(plan)
+    assert outs["cpu"] and outs["cuda"] == outs["cpu"]
+
+
+@pytest.mark.gpu
+def test_cuda_stage_reads_into_pinned_memory_and_sizes_large_chunks(make_st_run, tmp_path: Path, monkeypatch):
+    from ckptavg import cuda_stage, engine
+
+    shapes = {"big": (3 << 20,), "small": (7,)}  # 3M elements: one chunk, where the CPU path makes 12
+    make_st_run([1000, 2000, 3000], torch.float16, shapes=shapes)
+    made: list[cuda_stage.CudaStage] = []
+    pinned: list[bool] = []
+    original = cuda_stage.PinnedRing.read
+
+    def read(self, r, token):
+        x = original(self, r, token)
+        pinned.append(x.is_pinned())
+        return x
+
+    def stage_for(job, averaged):
+        made.append(cuda_stage.CudaStage.for_job(job, averaged))
+        return made[-1]
+
+    monkeypatch.setattr(cuda_stage.PinnedRing, "read", read)
+    monkeypatch.setattr(engine, "stage_for", stage_for)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        plan = api.plan_lawa(str(tmp_path / "run"), StepRange(3000, 3000), k=3, out=tmp_path / device)
+        api.average(plan, api.Options(device=device))
+        outs[device] = weights(plan)
+    assert outs["cuda"] == outs["cpu"]
+    assert made[-1].sizing.chunk == 3 << 20  # the whole tensor: GPU memory is plentiful
+    assert all(h.is_pinned() for h in made[-1].host_out)
+    assert pinned and all(pinned)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_caps_the_chunk_on_a_gpu(make_st_run, tmp_path: Path):
+    make_st_run([1000, 2000, 3000], torch.bfloat16, shapes={"big": (1 << 22,)})
+    outs = {}
+    for device, cap in (("cpu", None), ("cuda", 64 << 20)):
+        plan = api.plan_lawa(str(tmp_path / "run"), StepRange(3000, 3000), k=3, out=tmp_path / device)
+        api.average(plan, api.Options(device=device, gpu_memory=cap))
+        outs[device] = weights(plan)
+    assert outs["cuda"] == outs["cpu"]
 
 
 @pytest.mark.gpu

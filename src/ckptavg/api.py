@@ -83,6 +83,7 @@ class Options:
     disk_budget: int | None = None  # Hub runs: bytes of downloads held at once; default: one window's files
     tokenizer: Tokenizer | None = None  # replaces every output's tokenizer files (extras.resolve_tokenizer)
     hash_inputs: bool = False  # record the sha256 of every local input file (one more read of each)
+    gpu_memory: int | None = None  # --device cuda: most bytes of GPU memory to take; default: what is free
 
 
 # ---------------------------------------------------------------- planning
@@ -623,6 +624,8 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
                 f"writes nanoGPT's ckpt.pt, from nanoGPT sources only ({other.label} is {other.format})",
             )
     device = _device(opts.device)
+    if opts.gpu_memory is not None and device.type != "cuda":
+        raise OptionError("--gpu-memory", f"applies to --device cuda only, not --device {opts.device}")
     _raise_open_file_limit()
     if opts.write_ckpt and opts.max_shard_size != Options.max_shard_size:
         reporter.log(

@@ -217,6 +217,13 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 "--device", default="cpu", show_default=True, help="Where to do the arithmetic: cpu, cuda, cuda:1."
             ),
             click.option(
+                "--gpu-memory",
+                type=SIZE,
+                default=None,
+                help="--device cuda: most GPU memory to take for chunks and accumulators, e.g. 8GiB "
+                "[default: what is free, less 1 GiB].",
+            ),
+            click.option(
                 "--max-shard-size",
                 type=SIZE,
                 default="5GB",
@@ -442,7 +449,15 @@ def _options(kw: dict[str, Any]) -> Any:
         disk_budget=kw["disk_budget"],
         tokenizer=_tokenizer(kw),
         hash_inputs=kw["hash_inputs"],
+        gpu_memory=_gpu_memory(kw),
     )
+
+
+def _gpu_memory(kw: dict[str, Any]) -> int | None:
+    """--gpu-memory sizes the CUDA stage; given with another --device it is a usage error, not ignored."""
+    if kw["gpu_memory"] is not None and not str(kw["device"]).startswith("cuda"):
+        raise OptionError("--gpu-memory", f"applies to --device cuda only, not --device {kw['device']}")
+    return kw["gpu_memory"]
 
 
 def _optimizer(kw: dict[str, Any]) -> str:

@@ -28,12 +28,13 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from ckptavg.errors import NonFiniteError
-from ckptavg.pipeline import Read, Reads, Writes
+from ckptavg.pipeline import Chunk, Read, Reads, Writes
 from ckptavg.sources import Checkpoint, Reader, TensorInfo
 from ckptavg.windows import Window
 
@@ -101,6 +102,14 @@ class Buffers:
         if dtype == torch.float64 and x.dtype == torch.float16:
             x = self._scratch(torch.float32).copy_(x)
         return self._scratch(dtype).copy_(x)
+
+    def divide(self, total: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
+        """``total / n`` into ``out``, correctly rounded on every device. CUDA divides by a CPU scalar as a
+        multiplication by its reciprocal (one bit off at times), so there the divisor is a device tensor;
+        the CPU divides by the scalar exactly, as it always did here."""
+        if self.device.type == "cpu":
+            return torch.div(total, n, out=out)
+        return torch.div(total, torch.full((), n, dtype=total.dtype, device=self.device), out=out)
 
 
 class Reducer:
@@ -189,9 +198,9 @@ class RunningSumReducer(Reducer):
             snap = self.snapshots.pop(j)
             mean = self.buffers.take(self.dtype)
             if snap is None:
-                torch.div(total, len(self.windows[j].steps), out=mean)
+                self.buffers.divide(total, len(self.windows[j].steps), out=mean)
             else:
-                torch.sub(total, snap, out=mean).div_(len(self.windows[j].steps))
+                self.buffers.divide(torch.sub(total, snap, out=mean), len(self.windows[j].steps), out=mean)
                 self._release(snap)
             out.append(self._emit(j, mean))
             self.open[r] -= 1
@@ -241,7 +250,7 @@ class GroupSumReducer(Reducer):
         out = []
         for j in self.ends.get(member, ()):
             g = self.group_of[j]
-            mean = torch.div(self.sums[g], len(self.windows[j].steps), out=self.buffers.take(self.dtype))
+            mean = self.buffers.divide(self.sums[g], len(self.windows[j].steps), out=self.buffers.take(self.dtype))
             out.append(self._emit(j, mean))
             if member == self.groups[g][-1]:
                 self.buffers.give(self.sums.pop(g))
@@ -359,12 +368,68 @@ class Job:
     chunk: int | None = None  # elements per chunk; default: CHUNK_BYTES of accumulator
     skip: int = 0  # tensors (in ``names`` order) already written by an earlier, killed run
     on_tensor_done: Callable[[int, int], None] | None = None  # (tensors done so far, bytes read)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the reducers' device
+    gpu_memory: int | None = None  # --gpu-memory: most bytes of GPU memory the CUDA stage may take
 
     def read(self, r: Read, buf: torch.Tensor) -> torch.Tensor:
         return self.readers[r.member].read(r.name, r.start, r.stop, buf)
 
     def chunk_of(self, info: TensorInfo) -> int:
         return self.chunk or CHUNK_BYTES // self.reducer_for(info.dtype).dtype.itemsize
+
+
+class Stage(Protocol):
+    """How chunks reach the reducers' device and finished means leave it: ``CpuStage`` here, and
+    ``cuda_stage.CudaStage`` (pinned buffers, copy streams) for ``--device cuda``. The reducers are the same
+    code either way, so the accumulation order, and the bits, are the same."""
+
+    def chunk_of(self, job: Job, info: TensorInfo) -> int: ...
+
+    def open(self, job: Job, schedule: list[Read], read_bytes: int, slot_bytes: int) -> tuple[Reads, Writes]: ...
+
+    def load(self, got: Chunk) -> torch.Tensor: ...
+
+    def loaded(self, got: Chunk, reads: Reads) -> None: ...
+
+    def emit(self, job: Job, writes: Writes, j: int, name: str, span: tuple[int, int], mean: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CpuStage:
+    """The arithmetic where the bytes are: chunks are fed from the read ring and means copied into write slots."""
+
+    def chunk_of(self, job: Job, info: TensorInfo) -> int:
+        return job.chunk_of(info)
+
+    def open(self, job: Job, schedule: list[Read], read_bytes: int, slot_bytes: int) -> tuple[Reads, Writes]:
+        return Reads(schedule, job.read, read_bytes), Writes(job.sink, slot_bytes)
+
+    def load(self, got: Chunk) -> torch.Tensor:
+        return got.data
+
+    def loaded(self, got: Chunk, reads: Reads) -> None:
+        reads.recycle(got)  # feed has copied or added it: the buffer is free again
+
+    def emit(self, job: Job, writes: Writes, j: int, name: str, span: tuple[int, int], mean: torch.Tensor) -> None:
+        dtype = job.out_dtype(name, job.infos[name])
+        slot, out = writes.buffer(dtype, mean.numel())
+        out.copy_(mean)
+        if not job.allow_nonfinite and not _finite(mean, out):
+            _blame_nonfinite(job, j, name, *span)
+        writes.put(slot, j, name, span[0], out)
+
+    def close(self) -> None:
+        pass
+
+
+def stage_for(job: Job, averaged: list[str]) -> Stage:
+    """The staging for the job's device: ``--device cuda`` gets the pipelined CUDA stage."""
+    if job.device.type != "cuda":
+        return CpuStage()
+    from ckptavg.cuda_stage import CudaStage  # only CUDA runs pay for its import
+
+    return CudaStage.for_job(job, averaged)
 
 
 @contextlib.contextmanager
@@ -385,30 +450,31 @@ def run(job: Job) -> int:
     order = sorted({m for w in job.windows for m in w.steps})
     todo = [(i, n) for i, n in enumerate(job.names) if i >= job.skip]
     averaged = [n for _, n in todo if is_averaged(n, job.infos[n])]
+    stage = stage_for(job, averaged)
     schedule = [
         Read(m, name, start, min(start + chunk, info.numel))
         for name in averaged
-        for info, chunk in [(job.infos[name], job.chunk_of(job.infos[name]))]
+        for info, chunk in [(job.infos[name], stage.chunk_of(job, job.infos[name]))]
         for start in range(0, max(info.numel, 1), chunk)
         for m in order
     ]
-    sizes = [(job.chunk_of(job.infos[n]), job.infos[n].dtype.itemsize) for n in averaged] or [(1, 1)]
+    sizes = [(stage.chunk_of(job, job.infos[n]), job.infos[n].dtype.itemsize) for n in averaged] or [(1, 1)]
     read_bytes = max(c * size for c, size in sizes)
     slot_bytes = max(c * 8 for c, _ in sizes)
     copy_chunk = job.chunk or CHUNK_BYTES // 4
     slot_bytes = max(slot_bytes, copy_chunk * max((i.dtype.itemsize for i in job.infos.values()), default=1))
     total = 0
     with contextlib.ExitStack() as stack:
-        reads = Reads(schedule, job.read, read_bytes)
+        stack.callback(stage.close)
+        reads, writes = stage.open(job, schedule, read_bytes, slot_bytes)
         stack.callback(reads.close)
-        writes = Writes(job.sink, slot_bytes)
         stack.callback(writes.close)
         for index, name in todo:
             info = job.infos[name]
             if not is_averaged(name, info):
                 done = _copy_newest(job, name, info, writes, copy_chunk)
             else:
-                done = _average(job, name, info, order, reads, writes)
+                done = _average(job, name, info, order, reads, writes, stage)
             total += done
             if job.on_tensor_done:
                 writes.mark(functools.partial(job.on_tensor_done, index + 1, done))
@@ -416,10 +482,11 @@ def run(job: Job) -> int:
     return total
 
 
-def _average(job: Job, name: str, info: TensorInfo, order: list[int], reads: Reads, writes: Writes) -> int:
+def _average(
+    job: Job, name: str, info: TensorInfo, order: list[int], reads: Reads, writes: Writes, stage: Stage
+) -> int:
     reducer = job.reducer_for(info.dtype)
-    chunk = job.chunk_of(info)
-    dtype = job.out_dtype(name, info)
+    chunk = stage.chunk_of(job, info)
     done = 0
     for start in range(0, max(info.numel, 1), chunk):
         stop = min(start + chunk, info.numel)
@@ -427,14 +494,10 @@ def _average(job: Job, name: str, info: TensorInfo, order: list[int], reads: Rea
         for m in order:
             got = reads.take(Read(m, name, start, stop))
             done += got.data.numel() * got.data.element_size()
-            finished = reducer.feed(m, got.data)
-            reads.recycle(got)  # feed has copied or added it: the buffer is free again
+            finished = reducer.feed(m, stage.load(got))
+            stage.loaded(got, reads)
             for j, mean in finished:
-                slot, out = writes.buffer(dtype, mean.numel())
-                out.copy_(mean)
-                if not job.allow_nonfinite and not _finite(mean, out):
-                    _blame_nonfinite(job, j, name, start, stop)
-                writes.put(slot, j, name, start, out)
+                stage.emit(job, writes, j, name, (start, stop), mean)
     return done
 
 

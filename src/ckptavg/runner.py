@@ -181,6 +181,8 @@ def execute(
                     chunk=opts.chunk,
                     skip=skip,
                     on_tensor_done=functools.partial(_tensor_done, part, unit.offset, rep),
+                    device=device,
+                    gpu_memory=opts.gpu_memory,
                 )
                 engine.run(job)
                 if i + 1 < len(todo_units):  # on disk before its files go: a power loss never re-downloads them
