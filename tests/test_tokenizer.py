@@ -246,3 +246,15 @@ def test_eval_scores_a_tokenizerless_model_with_the_given_tokenizer(files: dict[
     inside = invoke("eval", full, *args)
     assert given.exit_code == 0 and inside.exit_code == 0, (given.output, inside.output)
     assert given.stdout.split("\t")[:4] == inside.stdout.split("\t")[:4]  # method, step, loss, perplexity
+
+
+def test_a_repo_id_with_a_trailing_line_break_is_no_repo_id(tmp_path, monkeypatch):
+    """'org/name\\n' (a value read from a file) is refused before any request, not sent to the Hub."""
+    import pytest
+
+    from ckptavg.errors import InvalidArgumentError
+    from ckptavg.sources.extras import resolve_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidArgumentError, match="not a Hub repository id"):
+        resolve_tokenizer("org/name\n", endpoint="http://127.0.0.1:9")

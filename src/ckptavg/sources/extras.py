@@ -131,12 +131,16 @@ def tokenizer_files(folder: Path, option: str = "--tokenizer") -> dict[str, Path
     one of them (an output keeps its own). A folder without any is an error naming it."""
     if not folder.is_dir():
         raise InvalidCheckpointError(folder, f"{option} needs a folder of tokenizer files")
-    found = {n: p for n, p in extra_files(folder).items() if n in TOKENIZER_FILES}
+    found = _tokenizer_files_in(folder)
     if not found:
         raise InvalidCheckpointError(
             folder, f"{option}: no tokenizer files here (looked for tokenizer.json, vocab.json, tokenizer.model, ...)"
         )
     return found
+
+
+def _tokenizer_files_in(folder: Path) -> dict[str, Path]:
+    return {n: p for n, p in extra_files(folder).items() if n in TOKENIZER_FILES}
 
 
 def local_tokenizer(folder: Path) -> Tokenizer:
@@ -158,10 +162,10 @@ def resolve_tokenizer(
         return local_tokenizer(path)
     if os.path.lexists(path):
         raise InvalidArgumentError(f"{option} {spec}: not a folder (give a folder of tokenizer files, or a Hub repo)")
-    if not _REPO_ID.match(spec):
+    if not _REPO_ID.fullmatch(spec):  # fullmatch: '$' would take a trailing newline
         raise InvalidArgumentError(f"{option} {spec}: no such folder, and not a Hub repository id (ORG/NAME)")
     folder = _fetch(spec, endpoint=endpoint, token=token, cache_dir=cache_dir, option=option)
-    files = {n: p for n, p in extra_files(folder).items() if n in TOKENIZER_FILES}
+    files = _tokenizer_files_in(folder)
     where = public_url(endpoint) or "the Hugging Face Hub"
     if not files:
         raise HubError(f"{option} {spec}: the repository on {where} holds no tokenizer files", repo=spec)
