@@ -29,7 +29,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The suite leaves the checkout as it found it: a test that writes into the repository root (a
     slurm-*.out log, an output folder made relative to the wrong directory) fails the run."""
-    left = sorted(p.name for p in ROOT.iterdir() if p.name not in _ROOT_BEFORE and p.name != ".pytest_cache")
+    caches = {".pytest_cache", ".hypothesis"}  # pytest's and hypothesis' own databases (git-ignored)
+    left = sorted(p.name for p in ROOT.iterdir() if p.name not in _ROOT_BEFORE | caches)
     if left:
         print(f"\ntests left files in the repository root: {', '.join(left)}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
