@@ -39,18 +39,13 @@ note "making checkpoints in $DATA"
 $PY benchmarks/make_checkpoints.py --preset $PRESET_1B --root "$DATA/w1b" --steps $STEPS_1B >&2 || exit 1
 $PY benchmarks/make_checkpoints.py --preset $PRESET_160 --root "$DATA/t160" --steps $STEPS_160 >&2 || exit 1
 
-HAS_THREADS=0
-$PY -m ckptavg lawa --help | grep -q -- '--threads' && HAS_THREADS=1
-(( HAS_THREADS )) || note "ckptavg has no --threads yet: the cpu rows run with its default threads"
-
 inputs() { ls "$DATA/$1"/step*/pytorch_model.bin; }
 read_floor() { inputs "$1" | xargs -P "$CORES" -n 1 cat > /dev/null; }  # parallel read, from page cache
 write_floor() {  # the output's bytes, written and fsynced (ckptavg's outputs are made durable too)
   local mb=$(( $(du -sm "$(inputs "$1" | head -1)" | cut -f1) * $2 ))
   dd if=/dev/zero of="$DATA/write.floor" bs=1M count="$mb" conv=fsync status=none; rm -f "$DATA/write.floor"; }
 run_avg() {  # scenario device threads
-  local out="$DATA/out/$1-$2-$3" extra=()
-  (( HAS_THREADS )) && [[ $2 == cpu ]] && extra=(--threads "$3")
+  local out="$DATA/out/$1-$2-$3" extra=(--threads "$3")
   rm -rf "$out"
   case $1 in
     w1b) $PY -m ckptavg lawa "$DATA/w1b" --steps 5000:5000 --k 5 --out "$out" --device "$2" -q "${extra[@]}" ;;
@@ -72,7 +67,7 @@ for s in w1b t160; do
   R[$s.write]=$(best write_floor $s $outs)
   for d in $DEVICES; do
     if [[ $d == cuda ]]; then
-      note "$s: ckptavg --device cuda"; R[$s.cuda]=$(best run_avg $s cuda 0)
+      note "$s: ckptavg --device cuda"; R[$s.cuda]=$(best run_avg $s cuda "$CORES")
     else
       for t in $(printf '%s\n' "$CORES" 2 | sort -un); do note "$s: ckptavg --device cpu, $t threads"; R[$s.cpu$t]=$(best run_avg $s cpu $t); done
     fi
@@ -105,7 +100,7 @@ floor() { local a=${R[$1.read]} b=${R[$1.write]}; [[ $a == FAIL* || $b == FAIL* 
 echo
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 echo "machine: ${gpu:-no GPU}, $CORES cores, torch $($PY -c 'import torch; print(torch.__version__)')"
-echo "pinned host-to-device copy: ${R[h2d]}; pytest -m gpu: ${R[pytest]}; --threads: $( ((HAS_THREADS)) && echo yes || echo 'absent (default threads)')"
+echo "pinned host-to-device copy: ${R[h2d]}; pytest -m gpu: ${R[pytest]}"
 echo
 echo "| scenario | inputs | read floor ($CORES-way) | write floor | --device cuda | cuda / max(floors) (target <= 1.3) | cpu $CORES threads | cpu 2 threads | 2-thread / $CORES-thread time (target >= 4) | cuda vs cpu bytes |"
 echo "|---|---|---|---|---|---|---|---|---|---|"

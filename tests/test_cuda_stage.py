@@ -183,21 +183,42 @@ def test_a_nonfinite_input_is_blamed_through_the_staging(make_st_run, tmp_path: 
     assert not (tmp_path / "o" / "step3000").exists()
 
 
-def test_pinned_ring_gives_each_slot_its_own_buffer():
-    seen: list[int] = []
+class RecordingStreams(HostStreams):
+    """``HostStreams`` that keep every host buffer they hand out (pinned ones, on a GPU)."""
 
-    def read(r, buf: torch.Tensor) -> torch.Tensor:
-        seen.append(buf.data_ptr())
-        return buf
+    def __init__(self) -> None:
+        super().__init__(eager=False)
+        self.hosts: list[torch.Tensor] = []
 
-    buffers = [torch.empty(8, dtype=torch.uint8) for _ in range(3)]
-    ring = cuda_stage.PinnedRing(read, buffers)
-    tokens = [torch.empty(1, dtype=torch.uint8) for _ in range(3)]
-    for t in tokens + tokens[::-1]:
-        ring.read(None, t)  # type: ignore[arg-type]
-    assert len(set(seen)) == 3
-    assert seen[:3] == seen[3:][::-1]
-    assert set(seen) == {b.data_ptr() for b in buffers}
+    def host(self, nbytes: int) -> torch.Tensor:
+        self.hosts.append(super().host(nbytes))
+        return self.hosts[-1]
+
+
+def test_the_readers_fill_the_stages_host_buffers_with_the_threads_given(make_st_run, tmp_path: Path, monkeypatch):
+    make_st_run(list(range(1000, 9001, 1000)), torch.float16)
+    streams = RecordingStreams()
+    stage_for, _ = staged(streams)
+    opened = []
+
+    def recording_stage_for(job: engine.Job, averaged: list[str]) -> engine.Stage:
+        stage = stage_for(job, averaged)
+        open_stage = stage.open
+
+        def open_recording(*args):  # type: ignore[no-untyped-def]
+            opened.append(open_stage(*args))
+            return opened[-1]
+
+        stage.open = open_recording  # type: ignore[method-assign]
+        return stage
+
+    monkeypatch.setattr(engine, "stage_for", recording_stage_for)
+    plan = PLANS["lawa"](str(tmp_path / "run"), tmp_path / "staged")
+    api.average(plan, api.Options(threads=6))
+    reads, _ = opened[-1]
+    assert len(reads.threads) == read_threads(6) == 4
+    assert len(reads.ring) == read_depth(4)
+    assert {b.data_ptr() for b in reads.ring} <= {h.data_ptr() for h in streams.hosts}
 
 
 # ---------------------------------------------------------------- --gpu-memory

@@ -133,9 +133,30 @@ def test_a_hostile_folder_and_arguments_reach_the_command_as_they_are(
     assert done.returncode == 0, done.stderr
     assert recorded(stub) == [
         os.fsencode(folder),
-        *(os.fsencode(w) for w in ["-m", "ckptavg", *command, "--task-index", "1", "--num-tasks", "2"]),
+        *(
+            os.fsencode(w)
+            for w in ["-m", "ckptavg", *command, "--threads", "2", "--task-index", "1", "--num-tasks", "2"]
+        ),
     ]
     assert_nothing_else_ran(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("given", "threads"), [([], ["--threads", "6"]), (["--threads", "3"], [])], ids=["from --cpus", "the command's"]
+)
+def test_each_task_uses_its_cpus_unless_the_command_says_otherwise(
+    given: list[str], threads: list[str], stub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Where SLURM does not bind tasks to cores, a task's affinity is the whole node: --threads keeps it to its
+    --cpus-per-task."""
+    monkeypatch.chdir(tmp_path)
+    command = ["lawa", str(EXAMPLE), *STEPS, "--out", "o", *given]
+    result = CliRunner().invoke(cli, ["slurm", "--cpus", "6", *command])
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --cpus-per-task=6" in header(result.stdout)
+    done = run_script(result.stdout, tmp_path, task=0)
+    assert done.returncode == 0, done.stderr
+    assert recorded(stub)[3:] == [os.fsencode(w) for w in [*command, *threads, "--task-index", "0", "--num-tasks", "1"]]
 
 
 def test_the_script_names_the_folder_it_cannot_give_sbatch(stub: Path, tmp_path: Path, monkeypatch):
@@ -161,7 +182,7 @@ def test_a_hostile_out_is_one_escaped_word_in_the_comment(stub: Path, tmp_path: 
     assert comment.endswith(f"into $'o\\x09#SBATCH --uid=0 $(touch {MARK})\\x1b\\xe2\\x80\\xae'")
     done = run_script(result.stdout, tmp_path, task=0)
     assert done.returncode == 0, done.stderr
-    assert recorded(stub)[-5] == os.fsencode(out)
+    assert recorded(stub)[-7] == os.fsencode(out)
     assert_nothing_else_ran(tmp_path)
 
 

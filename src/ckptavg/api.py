@@ -84,6 +84,7 @@ class Options:
     tokenizer: Tokenizer | None = None  # replaces every output's tokenizer files (extras.resolve_tokenizer)
     hash_inputs: bool = False  # record the sha256 of every local input file (one more read of each)
     gpu_memory: int | None = None  # --device cuda: most bytes of GPU memory to take; default: what is free
+    threads: int | None = None  # cores to use (readers, torch's intra-op threads); default: the process's cores
 
 
 # ---------------------------------------------------------------- planning
@@ -626,6 +627,8 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     device = _device(opts.device)
     if opts.gpu_memory is not None and device.type != "cuda":
         raise OptionError("--gpu-memory", f"applies to --device cuda only, not --device {opts.device}")
+    if opts.threads is not None and opts.threads < 1:
+        raise OptionError("--threads", f"must be at least 1, got {opts.threads}")
     _raise_open_file_limit()
     if opts.write_ckpt and opts.max_shard_size != Options.max_shard_size:
         reporter.log(

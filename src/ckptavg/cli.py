@@ -224,6 +224,13 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
                 "[default: what is free, less 1 GiB].",
             ),
             click.option(
+                "--threads",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Cores to use: reader threads and torch's intra-op threads (half of them) "
+                "[default: the cores this process may use, e.g. SLURM's --cpus-per-task].",
+            ),
+            click.option(
                 "--max-shard-size",
                 type=SIZE,
                 default="5GB",
@@ -450,6 +457,7 @@ def _options(kw: dict[str, Any]) -> Any:
         tokenizer=_tokenizer(kw),
         hash_inputs=kw["hash_inputs"],
         gpu_memory=_gpu_memory(kw),
+        threads=kw["threads"],
     )
 
 
@@ -785,7 +793,7 @@ def status(as_json: bool, array_only: bool, command: tuple[str, ...]) -> None:
     type=click.IntRange(min=1, max=MAX_CPUS),
     default=2,
     show_default=True,
-    help="CPUs per task (one computes, one reads and writes).",
+    help="CPUs per task; the command gets --threads CPUS unless it names its own.",
 )
 @click.option(
     "--mem",
@@ -834,7 +842,7 @@ def slurm(
         f"and writes about {human_bytes(written)} into {shell_quote(kw['out'])}"
     )
     script = job_script(
-        [sys.executable, "-m", "ckptavg", *_without_token(command)],
+        [sys.executable, "-m", "ckptavg", *_without_token(command), *_threads_for(kw, cpus)],
         tasks=tasks,
         workdir=Path.cwd(),
         job_name=job_name or f"ckptavg-{name}",
@@ -863,6 +871,12 @@ def slurm(
         why = one_line("; ".join(done.stderr.decode(errors="replace").split("\n")).strip("; "))
         raise click.ClickException(f"sbatch refused the job: {why}")
     click.echo(done.stdout.decode(errors="replace").strip().split(";")[0])
+
+
+def _threads_for(kw: dict[str, Any], cpus: int) -> list[str]:
+    """A task's --threads: its --cpus-per-task, unless the command names its own. Without it the task would
+    use every core its affinity mask allows, which is the whole node where SLURM does not bind tasks."""
+    return [] if kw["threads"] is not None else ["--threads", str(cpus)]
 
 
 def _without_token(command: tuple[str, ...]) -> list[str]:

@@ -3,8 +3,8 @@
     readers -> pinned ring --H2D (copy stream)--> device ring --reducers (compute stream)--> device out ring
             --D2H (return stream)--> pinned out ring -> writer thread (waits for its copy) -> sink
 
-- Reads: the read stage of ``pipeline.Reads`` (its ring is the bound; several threads where it has them) fills
-  pinned buffers of tens of MB, one behind each of its slots, so host-to-device copies are asynchronous.
+- Reads: ``pipeline.Reads``' reader threads fill a ring of pinned buffers of tens of MB (the ring is the bound),
+  so host-to-device copies are asynchronous.
 - A chunk is copied to the device buffer of its slot on the copy stream; the compute stream waits for that
   copy's event, and the next copy into that device buffer waits for the compute stream to be done with it.
   The pinned slot goes back to the readers once its copy has ended.
@@ -20,8 +20,6 @@ path's bytes. What only a GPU can show (overlap, bandwidth, bits of CUDA kernels
 
 from __future__ import annotations
 
-import inspect
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -61,9 +59,9 @@ def live_accumulators(windows: Sequence[Window]) -> int:
 
 
 def read_threads(cpus: int) -> int:
-    """Reader threads: every core but the caller's (which only queues GPU work) and the writer's, at most 8
-    (a page-cache read saturates memory bandwidth well before that), and at least one."""
-    return max(1, min(8, cpus - 2))
+    """Reader threads out of ``cpus`` (``--threads``): every core but the caller's (which only queues GPU work)
+    and the writer's, at most ``engine.MAX_READERS``, and at least one."""
+    return max(1, min(engine.MAX_READERS, cpus - 2))
 
 
 def read_depth(threads: int) -> int:
@@ -110,14 +108,6 @@ def size_stage(
         )
     chunk = min(budget // per_element, HOST_CHUNK_BYTES // in_size, max(largest, 1))
     return Sizing(chunk, threads, rd, WRITE_DEPTH, chunk * per_element)
-
-
-def cpus_available() -> int:
-    """The cores this process may use (a SLURM allocation or taskset narrows them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- streams
@@ -225,28 +215,6 @@ class HostStreams:
 # ---------------------------------------------------------------- the stage
 
 
-class PinnedRing:
-    """Pinned buffers behind the slots of a ``Reads``: ``read`` reads into the pinned buffer of the slot
-    whose (tiny) ring buffer ``Reads`` passes, so the read stage keeps its ring as the bound and its
-    threads, and the bytes land where an asynchronous copy can take them.
-
-    (``pipeline.Reads`` allocates its ring itself; once it takes a ring of buffers, this becomes that ring.)"""
-
-    def __init__(self, read: Callable[[Read, torch.Tensor], torch.Tensor], buffers: list[torch.Tensor]) -> None:
-        self.inner = read
-        self.spare = list(buffers)
-        self.behind: dict[int, torch.Tensor] = {}
-        self.lock = threading.Lock()
-
-    def read(self, r: Read, token: torch.Tensor) -> torch.Tensor:
-        key = token.data_ptr()
-        with self.lock:  # a slot is read by one thread at a time, but several slots meet their buffers at once
-            buf = self.behind.get(key)
-            if buf is None:
-                buf = self.behind[key] = self.spare.pop()
-        return self.inner(r, buf)
-
-
 class CudaStage:
     """``engine.Stage`` for ``--device cuda`` (see the module docstring for the picture)."""
 
@@ -286,7 +254,7 @@ class CudaStage:
             acc_size=max((job.reducer_for(i.dtype).dtype.itemsize for i in infos), default=1),
             out_size=out_size,
             live=live_accumulators(job.windows),
-            cpus=cpus_available(),
+            cpus=job.threads,
         )
         chunk = job.chunk or sizing.chunk
         return cls(job.device, sizing, streams, chunk * in_size, chunk * out_size)
@@ -295,9 +263,8 @@ class CudaStage:
         return job.chunk or self.sizing.chunk
 
     def open(self, job: engine.Job, schedule: list[Read], read_bytes: int, slot_bytes: int) -> tuple[Reads, Writes]:
-        ring = PinnedRing(job.read, [self.streams.host(self.in_bytes) for _ in range(self.sizing.read_depth)])
-        extra = {"threads": self.sizing.threads} if "threads" in inspect.signature(Reads).parameters else {}
-        reads = Reads(schedule, ring.read, 1, depth=self.sizing.read_depth, **extra)
+        ring = [self.streams.host(self.in_bytes) for _ in range(self.sizing.read_depth)]
+        reads = Reads(schedule, job.read, ring, self.sizing.threads)
         # Writes' own slots carry the copied tensors (engine._copy_newest); averaged ones use the pinned twins.
         widest = max((i.dtype.itemsize for i in job.infos.values()), default=1)
         copy_bytes = (job.chunk or engine.CHUNK_BYTES // 4) * widest

@@ -48,10 +48,11 @@ BUFFER_SUFFIXES = (
     ".attn.masked_bias",
 )
 
-# Bytes of one accumulator chunk. The handful of live accumulators (running sums, snapshots, a mean)
-# must stay in the CPU cache: with 8 MB float64 chunks they spilled out of a 32 MB L3, and the
-# 16-window pythia-160m trajectory took 23 s instead of 15 s.
+# Bytes of one accumulator chunk per compute thread. The handful of live accumulators (running sums,
+# snapshots, a mean) must stay in the CPU cache: with 8 MB float64 chunks on one thread they spilled out
+# of a 32 MB L3, and the 16-window pythia-160m trajectory took 23 s instead of 15 s.
 CHUNK_BYTES = 2 << 20
+MAX_READERS = 8  # reader threads: a read from the page cache is a memory copy, and 8 saturate memory bandwidth
 
 EXACT_FP16_TERMS = 8192  # fp16 sums of at most this many values are exact in float64 (2**13 * 2**40 = 2**53)
 
@@ -365,17 +366,20 @@ class Job:
     sink: Sink
     readers: dict[int, Reader]  # member id -> where its bytes are read from
     allow_nonfinite: bool = False
-    chunk: int | None = None  # elements per chunk; default: CHUNK_BYTES of accumulator
+    chunk: int | None = None  # elements per chunk; default: CHUNK_BYTES of accumulator per compute thread
     skip: int = 0  # tensors (in ``names`` order) already written by an earlier, killed run
     on_tensor_done: Callable[[int, int], None] | None = None  # (tensors done so far, bytes read)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the reducers' device
     gpu_memory: int | None = None  # --gpu-memory: most bytes of GPU memory the CUDA stage may take
+    threads: int = field(default_factory=lambda: available_cores())  # --threads: cores the run may use
 
     def read(self, r: Read, buf: torch.Tensor) -> torch.Tensor:
         return self.readers[r.member].read(r.name, r.start, r.stop, buf)
 
     def chunk_of(self, info: TensorInfo) -> int:
-        return self.chunk or CHUNK_BYTES // self.reducer_for(info.dtype).dtype.itemsize
+        """Elements per chunk: ``CHUNK_BYTES`` of accumulator for each compute thread (or the caller's
+        ``chunk``). Element-wise arithmetic gives the same bits however a tensor is cut."""
+        return self.chunk or CHUNK_BYTES * compute_share(self.threads) // self.reducer_for(info.dtype).dtype.itemsize
 
 
 class Stage(Protocol):
@@ -403,7 +407,9 @@ class CpuStage:
         return job.chunk_of(info)
 
     def open(self, job: Job, schedule: list[Read], read_bytes: int, slot_bytes: int) -> tuple[Reads, Writes]:
-        return Reads(schedule, job.read, read_bytes), Writes(job.sink, slot_bytes)
+        workers = read_workers(job.threads)
+        ring = [torch.empty(read_bytes, dtype=torch.uint8) for _ in range(max(6, 2 * workers + 2))]
+        return Reads(schedule, job.read, ring, workers), Writes(job.sink, slot_bytes)
 
     def load(self, got: Chunk) -> torch.Tensor:
         return got.data
@@ -432,17 +438,36 @@ def stage_for(job: Job, averaged: list[str]) -> Stage:
     return CudaStage.for_job(job, averaged)
 
 
+def available_cores() -> int:
+    """The cores this process may use (a SLURM allocation or ``taskset`` narrows them): ``--threads``' default."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def compute_share(threads: int) -> int:
+    """torch's intra-op threads out of ``threads``: half, at least one. The other half reads and writes: a
+    read from the page cache is a memory copy done by the reading thread. On two cores, one compute thread
+    with two readers beat two compute threads with two readers (7.0 vs 10.6 s for the 1b window)."""
+    return max(1, threads // 2)
+
+
+def read_workers(threads: int) -> int:
+    """Reader threads of the CPU stage: one per core, at most ``MAX_READERS``."""
+    return max(1, min(MAX_READERS, threads))
+
+
 @contextlib.contextmanager
-def compute_threads() -> Iterator[None]:
-    """torch's intra-op threads for the run: all cores but one, which is left to the reader thread. On
-    two cores, torch's OpenMP threads competing with the reader (or any other process) for the second
-    core made the same additions three times slower than one thread alone. Restored on the way out."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+def compute_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads for a run allowed ``threads`` cores (``compute_share``), restored on the way
+    out: a library caller's own setting is not ours to keep."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(compute_share(threads))
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def run(job: Job) -> int:

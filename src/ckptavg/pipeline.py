@@ -4,8 +4,8 @@
 
 - ``Downloads``: a few daemon worker threads fetch each part's weight files, strictly in the order
   asked for, each first taking its bytes from a ``ByteBudget`` (the disk budget).
-- ``Reads``: one thread reads the scheduled slices into a ring of buffers and hands each over as a
-  tagged ``Chunk`` (member, tensor, first element), which the consumer checks against what it expects.
+- ``Reads``: a few threads read the scheduled slices into a ring of buffers and hand each over, in
+  schedule order, as a tagged ``Chunk`` (member, tensor, first element), which the consumer checks.
 - ``Writes``: one thread hands finished chunks to the output writers, and runs progress marks after the
   chunks queued before them.
 
@@ -63,56 +63,97 @@ class StageError(RuntimeError):
 
 
 class Reads:
-    """Reads ``schedule`` ahead on a thread (``pread`` releases the GIL) while the caller computes."""
+    """Reads ``schedule`` ahead into the buffers of ``ring`` on ``workers`` threads (``pread`` releases the
+    GIL) while the caller computes, and hands the chunks over in schedule order.
+
+    A worker takes a free buffer and the next item of the schedule together, under one lock, so buffers are
+    taken in schedule order: the item the caller waits for always has a buffer or is next to get one, and a
+    ring of two buffers is enough for any number of workers (more let them run ahead). Chunks that arrive
+    early wait in the caller's thread until their turn.
+    """
 
     def __init__(
         self,
         schedule: list[Read],
         read: Callable[[Read, torch.Tensor], torch.Tensor],
-        buf_bytes: int,
-        depth: int = 6,
+        ring: list[torch.Tensor],
+        workers: int = 1,
     ) -> None:
+        if workers < 1 or len(ring) < 2:
+            raise ValueError(f"Reads needs a worker and two buffers, got {workers} and {len(ring)}")
         self.schedule = schedule
         self.read = read
-        self.ring = [torch.empty(buf_bytes, dtype=torch.uint8) for _ in range(depth)]
+        self.ring = ring
         self.free: SimpleQueue[int | _End] = SimpleQueue()
-        for i in range(depth):
+        for i in range(len(ring)):
             self.free.put(i)
-        self.ready: SimpleQueue[Chunk | BaseException | _End] = SimpleQueue()
+        self.ready: SimpleQueue[tuple[int, Chunk | BaseException] | _End] = SimpleQueue()
+        self.claim = threading.Lock()
+        self.claimed = 0  # schedule items taken by a worker
+        self.handed = 0  # schedule items handed to the caller
+        self.early: dict[int, Chunk | BaseException] = {}  # arrived before their turn (the caller's thread only)
+        self.ended = 0  # workers that have stopped
         self.stopping = False
-        self.thread = threading.Thread(target=self._produce, name="ckptavg-reader", daemon=True)
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._produce, name=f"ckptavg-reader-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _next(self) -> tuple[int, int] | None:
+        """A free buffer and the next schedule item, taken together; None when there is nothing more to do."""
+        with self.claim:
+            if self.stopping or self.claimed >= len(self.schedule):
+                return None
+            slot = self.free.get()
+            if self.stopping or isinstance(slot, _End):
+                return None
+            self.claimed += 1
+            return self.claimed - 1, slot
 
     def _produce(self) -> None:
         try:
-            for item in self.schedule:
-                slot = self.free.get()
-                if self.stopping or isinstance(slot, _End):
+            while (got := self._next()) is not None:
+                index, slot = got
+                item = self.schedule[index]
+                try:
+                    self.ready.put((index, Chunk(item, self.read(item, self.ring[slot]), slot)))
+                except BaseException as e:  # raised again in the caller's thread, at its turn
+                    self.stopping = True
+                    self.ready.put((index, e))
                     return
-                self.ready.put(Chunk(item, self.read(item, self.ring[slot]), slot))
-        except BaseException as e:  # raised again in the consumer's thread
-            self.ready.put(e)
-            return
-        self.ready.put(END)
+        finally:
+            self.ready.put(END)
 
     def take(self, expect: Read) -> Chunk:
         """The next chunk, which must be ``expect``: the consumer checks what it got."""
-        item = self.ready.get()
-        if isinstance(item, BaseException):
-            raise item
-        if isinstance(item, _End):
-            raise StageError(f"the reader ended before {expect}")
-        if item.read != expect:
-            raise StageError(f"the reader handed over {item.read} where {expect} was due")
-        return item
+        index = self.handed
+        while index not in self.early:
+            if self.ended == len(self.threads):
+                raise StageError(f"the readers ended before {expect}")
+            item = self.ready.get()
+            if isinstance(item, _End):
+                self.ended += 1
+            else:
+                self.early[item[0]] = item[1]
+        got = self.early.pop(index)
+        self.handed += 1
+        if isinstance(got, BaseException):
+            raise got
+        if got.read != expect:
+            raise StageError(f"the reader handed over {got.read} where {expect} was due")
+        return got
 
     def recycle(self, chunk: Chunk) -> None:
         self.free.put(chunk.slot)
 
     def close(self) -> None:
         self.stopping = True
-        self.free.put(END)
-        self.thread.join(timeout=JOIN_SECONDS)
+        for _ in self.threads:
+            self.free.put(END)
+        deadline = time.monotonic() + JOIN_SECONDS
+        for t in self.threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,8 @@ def execute(
     with contextlib.ExitStack() as stack:
         stack.callback(rep.stop)
         files = stack.enter_context(FileTable())
-        stack.enter_context(engine.compute_threads())
+        threads = opts.threads or engine.available_cores()
+        stack.enter_context(engine.compute_threads(threads))
 
         def keep() -> bool:
             return bool(failure) and keeps_progress(failure[0])
@@ -183,6 +184,7 @@ def execute(
                     on_tensor_done=functools.partial(_tensor_done, part, unit.offset, rep),
                     device=device,
                     gpu_memory=opts.gpu_memory,
+                    threads=threads,
                 )
                 engine.run(job)
                 if i + 1 < len(todo_units):  # on disk before its files go: a power loss never re-downloads them

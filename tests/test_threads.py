@@ -1,0 +1,215 @@
+"""--threads and the read stage's workers: chunks reach the arithmetic in schedule order however the readers
+race, errors surface at their turn, and the bytes of an output never depend on how many threads made it."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import error_line
+
+from ckptavg import api, engine
+from ckptavg.cli import cli
+from ckptavg.errors import OptionError
+from ckptavg.pipeline import Read, Reads, StageError
+from ckptavg.steps import StepRange
+
+# ---------------------------------------------------------------- the read stage
+
+
+def schedule(n: int) -> list[Read]:
+    return [Read(i % 3, f"t{i // 3}", i, i + 1) for i in range(n)]
+
+
+def racing_read(seed: int):
+    """A read that takes a random while, so several workers finish out of order, and writes its index."""
+    rng = random.Random(seed)
+    lock = threading.Lock()
+
+    def read(r: Read, buf: torch.Tensor) -> torch.Tensor:
+        with lock:
+            pause = rng.random() * 0.004
+        time.sleep(pause)
+        out = buf[:8].view(torch.int64)
+        out.fill_(r.start)
+        return out
+
+    return read
+
+
+@contextlib.contextmanager
+def reading(items: list[Read], read, depth: int, workers: int):  # type: ignore[no-untyped-def]
+    """A started read stage over ``items`` with ``depth`` buffers, closed on the way out."""
+    reads = Reads(items, read, [torch.empty(8, dtype=torch.uint8) for _ in range(depth)], workers)
+    try:
+        yield reads
+    finally:
+        reads.close()
+
+
+@pytest.mark.parametrize(("workers", "depth"), [(1, 2), (4, 2), (4, 10), (8, 3)])
+def test_chunks_are_handed_over_in_schedule_order_however_the_workers_race(workers: int, depth: int):
+    items = schedule(60)
+    with reading(items, racing_read(workers * 100 + depth), depth, workers) as reads:
+        for item in items:
+            got = reads.take(item)
+            assert int(got.data[0]) == item.start  # the bytes are the ones read for this item
+            reads.recycle(got)
+    assert all(not t.is_alive() for t in reads.threads)
+
+
+def test_a_failed_read_is_raised_at_its_turn_after_the_chunks_before_it():
+    items = schedule(20)
+
+    def read(r: Read, buf: torch.Tensor) -> torch.Tensor:
+        if r.start == 7:
+            raise OSError(f"cannot read slice {r.start}")
+        time.sleep(0.001 * (r.start % 3))
+        return buf[:8].view(torch.int64).fill_(r.start)
+
+    with reading(items, read, 6, 4) as reads:
+        for item in items[:7]:
+            reads.recycle(reads.take(item))
+        with pytest.raises(OSError, match="cannot read slice 7"):
+            reads.take(items[7])
+
+
+def test_a_chunk_other_than_the_one_due_is_a_stage_error():
+    items = schedule(3)
+    with reading(items, racing_read(1), 2, 2) as reads:
+        with pytest.raises(StageError, match="where Read"):
+            reads.take(items[1])
+
+
+def test_asking_past_the_schedule_is_a_stage_error():
+    items = schedule(2)
+    with reading(items, racing_read(2), 2, 3) as reads:
+        for item in items:
+            reads.recycle(reads.take(item))
+        with pytest.raises(StageError, match="the readers ended before"):
+            reads.take(Read(0, "t9", 0, 1))
+
+
+def test_close_stops_workers_waiting_for_a_buffer():
+    items = schedule(50)
+    with reading(items, racing_read(3), 2, 4) as reads:
+        reads.take(items[0])  # never recycled: every worker ends up waiting for a buffer
+        time.sleep(0.05)
+    assert all(not t.is_alive() for t in reads.threads)
+
+
+@pytest.mark.parametrize(("workers", "depth"), [(0, 4), (2, 1)])
+def test_a_stage_without_a_worker_or_two_buffers_is_refused(workers: int, depth: int):
+    with pytest.raises(ValueError, match="a worker and two buffers"):
+        Reads(schedule(1), racing_read(4), [torch.empty(8, dtype=torch.uint8) for _ in range(depth)], workers)
+
+
+# ---------------------------------------------------------------- how threads are shared out
+
+
+@pytest.mark.parametrize(
+    ("threads", "compute", "readers"), [(1, 1, 1), (2, 1, 2), (3, 1, 3), (4, 2, 4), (16, 8, 8), (64, 32, 8)]
+)
+def test_half_the_threads_compute_and_up_to_eight_read(threads: int, compute: int, readers: int):
+    assert engine.compute_share(threads) == compute
+    assert engine.read_workers(threads) == readers
+
+
+def test_the_default_is_the_cores_this_process_may_use():
+    import os
+
+    assert engine.available_cores() == len(os.sched_getaffinity(0))
+    assert api.Options().threads is None  # resolved when the run starts
+
+
+def test_torch_threads_are_set_for_the_run_and_restored_after_it():
+    before = torch.get_num_threads()
+    with engine.compute_threads(6):
+        assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
+
+
+def test_a_chunk_holds_two_mib_of_accumulator_per_compute_thread(make_st_run, tmp_path: Path):
+    make_st_run([1000], torch.float16)
+    plan = api.plan_lawa(str(tmp_path / "run"), StepRange(1000, 1000), k=1, out=tmp_path / "o")
+    info = plan.members[1000].entries["layer.w"].info
+    job = engine.Job(
+        windows=plan.windows,
+        members=plan.members,
+        names=["layer.w"],
+        infos={"layer.w": info},
+        reducer_for=lambda dtype: engine.GroupSumReducer(plan.windows, torch.float32, torch.device("cpu")),
+        out_dtype=lambda name, info: info.dtype,
+        sink=lambda *a: None,
+        readers={},
+        threads=8,
+    )
+    assert job.chunk_of(info) == 4 * engine.CHUNK_BYTES // 4  # 4 compute threads x 2 MiB of float32
+
+
+# ---------------------------------------------------------------- the bytes do not depend on --threads
+
+
+def weights(folder: Path) -> dict[str, bytes]:
+    """Every weight file under ``folder`` (ckptavg.json records the time and differs)."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*.safetensors"))}
+
+
+BIG = {"big": (700_000,), "small": (3,), "scalar": ()}  # 700K elements: several 2 MiB chunks at 1 thread
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_one_thread_and_many_make_the_same_bytes(make_st_run, tmp_path: Path, dtype: torch.dtype):
+    make_st_run([1000, 2000, 3000, 4000, 5000], dtype, shapes=BIG)
+    digests = []
+    for threads in ("1", "2", "7"):
+        out = tmp_path / f"t{threads}"
+        args = ["lawa", str(tmp_path / "run"), "--steps", "3000:5000", "--k", "3", "--interval", "1000"]
+        result = CliRunner().invoke(cli, [*args, "--out", str(out), "--threads", threads])
+        assert result.exit_code == 0, result.output
+        digests.append(weights(out))
+    assert len(digests[0]) == 3 and digests[0] == digests[1] == digests[2]
+
+
+def test_ema_and_avg_do_not_depend_on_threads_either(make_st_run, tmp_path: Path):
+    make_st_run([1000, 2000, 3000], torch.bfloat16, shapes=BIG)
+    run = str(tmp_path / "run")
+    for cmd in (["ema", run, "--steps", "1000:3000", "--decay", "0.9"], ["avg", f"{run}/step1000", f"{run}/step3000"]):
+        digests = []
+        for threads in ("1", "5"):
+            out = tmp_path / f"{cmd[0]}{threads}"
+            result = CliRunner().invoke(cli, [*cmd, "--out", str(out), "--threads", threads])
+            assert result.exit_code == 0, result.output
+            digests.append(weights(out))
+        assert digests[0] and digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_threads_below_one_is_a_usage_error(make_st_run, tmp_path: Path, value: str):
+    make_st_run([1000], torch.float16)
+    args = ["lawa", str(tmp_path / "run"), "--steps", "1000:1000", "--k", "1", "--out", str(tmp_path / "o")]
+    line = error_line(CliRunner().invoke(cli, [*args, "--threads", value]), code=2)
+    assert "--threads" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_library_refuses_threads_below_one(make_st_run, tmp_path: Path):
+    make_st_run([1000], torch.float16)
+    plan = api.plan_lawa(str(tmp_path / "run"), StepRange(1000, 1000), k=1, out=tmp_path / "o")
+    with pytest.raises(OptionError, match=r"^--threads: must be at least 1, got 0$"):
+        api.average(plan, api.Options(threads=0))
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_leaves_the_callers_torch_threads_as_they_were(make_st_run, tmp_path: Path):
+    make_st_run([1000, 2000], torch.float16)
+    plan = api.plan_lawa(str(tmp_path / "run"), StepRange(2000, 2000), k=2, out=tmp_path / "o")
+    before = torch.get_num_threads()
+    api.average(plan, api.Options(threads=4))
+    assert torch.get_num_threads() == before
