@@ -57,12 +57,16 @@ class Plan:
     # share, resumed run and Hub part computes each window the same way (see engine.choose_reducer).
     overlapping: bool = False  # some checkpoint is a member of two windows
     plan_members: int = 0  # checkpoints in the whole plan
+    plan_windows: int = 0  # windows of the whole plan
+    additions: int = 0  # engine.group_additions of the whole plan's windows
     origin: dict[str, Any] = field(default_factory=dict)  # Source.origin of a run's plan (provenance only)
 
     def __post_init__(self) -> None:
         if not self.plan_members:
             self.overlapping = engine.windows_overlap(self.windows)
             self.plan_members = len({m for w in self.windows for m in w.steps})
+            self.plan_windows = len(self.windows)
+            self.additions = engine.group_additions(self.windows)
 
     def bytes_to_read(self) -> int:
         ids = {m for w in self.windows for m in w.steps}

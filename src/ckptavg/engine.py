@@ -215,16 +215,7 @@ class GroupSumReducer(Reducer):
 
     def __init__(self, windows: Sequence[Window], accumulate: torch.dtype, device: torch.device):
         super().__init__(windows, accumulate, device)
-        self.groups: list[tuple[int, ...]] = []  # the member sequence each sum runs over
-        self.group_of: list[int] = []
-        for w in windows:
-            g = next((i for i, seq in enumerate(self.groups) if _prefix(w.steps, seq) or _prefix(seq, w.steps)), None)
-            if g is None:
-                self.groups.append(w.steps)
-                g = len(self.groups) - 1
-            elif len(w.steps) > len(self.groups[g]):
-                self.groups[g] = w.steps
-            self.group_of.append(g)
+        self.groups, self.group_of = sum_groups(windows)
         self.in_groups: dict[int, list[int]] = {}
         for g, seq in enumerate(self.groups):
             for m in seq:
@@ -258,6 +249,28 @@ class GroupSumReducer(Reducer):
         return out
 
 
+def sum_groups(windows: Sequence[Window]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The member sequences that ``GroupSumReducer`` sums, and each window's: windows of which one is a prefix of
+    the other (SWA's all) share the longer one's sum."""
+    groups: list[tuple[int, ...]] = []
+    group_of: list[int] = []
+    for w in windows:
+        g = next((i for i, seq in enumerate(groups) if _prefix(w.steps, seq) or _prefix(seq, w.steps)), None)
+        if g is None:
+            groups.append(w.steps)
+            g = len(groups) - 1
+        elif len(w.steps) > len(groups[g]):
+            groups[g] = w.steps
+        group_of.append(g)
+    return groups, group_of
+
+
+def group_additions(windows: Sequence[Window]) -> int:
+    """Chunk additions (or first copies) that summing each group from its first member costs: the cost of
+    ``GroupSumReducer``, against ``RunningSumReducer``'s one per member plus a subtraction per window."""
+    return sum(len(g) for g in sum_groups(windows)[0])
+
+
 def _prefix(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) <= len(b) and b[: len(a)] == a
 
@@ -279,19 +292,27 @@ def choose_reducer(
     *,
     overlapping: bool,
     members: int,
+    plan_windows: int,
+    additions: int,
     stride: int,
     decay: float,
     accumulate: torch.dtype,
     allow_nonfinite: bool,
     device: torch.device,
 ) -> Reducer:
-    """The reducer for tensors of ``dtype``: decided from the whole plan (``overlapping``, ``members``:
-    how many checkpoints it has), never from the windows a run happens to make (``windows``)."""
+    """The reducer for tensors of ``dtype``: decided from the whole plan (``overlapping``; ``members`` and
+    ``plan_windows``: how many checkpoints and windows it has; ``additions``: ``group_additions`` of its
+    windows), never from the windows a run happens to make (``windows``).
+
+    For fp16 both uniform reducers give every window's exact float64 sum, so the same bits; the one with
+    fewer additions is taken: running sums for LAWA with k >= 4 (one per member, a subtraction per window),
+    group sums for SWA (one sum, one addition per member) and for k <= 2."""
     if method == "ema":
         return EmaReducer(windows, decay, accumulate, device)
     if method == "avg":
         return WeightedReducer(windows, accumulate, device)
-    if overlapping and dtype == torch.float16 and not allow_nonfinite and members <= EXACT_FP16_TERMS:
+    running = members + plan_windows < additions
+    if running and overlapping and dtype == torch.float16 and not allow_nonfinite and members <= EXACT_FP16_TERMS:
         # With NaN/Inf let through, an Inf in a shared running sum would leak into windows that never held
         # it (inf - inf = nan): those plans sum each group on its own.
         return RunningSumReducer(windows, stride, device)

@@ -233,6 +233,8 @@ def _reducers(plan: Plan, opts: Options, device: torch.device) -> Callable[[list
                 dtype,
                 overlapping=plan.overlapping,
                 members=plan.plan_members,
+                plan_windows=plan.plan_windows,
+                additions=plan.additions,
                 stride=stride,
                 decay=float(plan.params.get("decay") or 0.0),
                 accumulate=DTYPES[opts.accumulate],
