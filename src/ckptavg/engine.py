@@ -9,11 +9,12 @@ arithmetic several times faster than the same additions done on whole tensors.
 Every output's bits are a function of its window and the plan alone, never of which other windows
 share the run (a task of a SLURM array, a resumed run and a Hub run's parts all make a subset), so the
 same command gives the same bits however it was cut. ``choose_reducer`` decides per plan:
-- uniform means (LAWA, SWA) of fp16 tensors when the plan's windows overlap: a float64 running sum per
-  residue class (step mod nu); a window's sum is the running sum at its end minus a snapshot taken just
-  before its first member. Any sum of up to 8192 fp16 values is exact in float64 (every fp16 value is a
-  multiple of 2**-24 below 2**16), so the difference is the window's exact sum wherever the running sum
-  started: one addition per checkpoint, whatever k is.
+- uniform means (LAWA, SWA) of fp16 tensors when the plan's windows overlap and that costs fewer additions
+  than group sums (below; LAWA with k >= 4): a float64 running sum per residue class (step mod nu); a
+  window's sum is the running sum at its end minus a snapshot taken just before its first member. Any sum
+  of up to 8192 fp16 values is exact in float64 (every fp16 value is a multiple of 2**-24 below 2**16),
+  so the difference is the window's exact sum wherever the running sum started: one addition per
+  checkpoint, whatever k is.
 - other uniform means: each group of windows that share their first member (one LAWA window; all of
   SWA's) is summed from that member in step order, in float64 when windows overlap and in
   ``--accumulate`` otherwise. bf16 and fp32 sums are not exact in float64, so a difference of running
