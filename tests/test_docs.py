@@ -28,6 +28,7 @@ OTHERS = {
     "--tasks": "lm_eval",
     "--fault": "benchmarks/hub.py",
     "--repeat": "benchmarks/run.py",
+    "--only": "benchmarks/run.py",
     "--small": "benchmarks/gpu.sh",
     "--help": "every command (click)",
     **{f: "examples/study/train.py" for f in ("--batch", "--lr", "--save-every", "--seed", "--threads")},
