@@ -27,6 +27,7 @@ from ckptavg import __version__, engine, runner, schedule
 from ckptavg.errors import CkptavgError, InvalidArgumentError, MismatchError, OptionError, OutputError
 from ckptavg.outputs import check_outputs, check_writable, working_dir
 from ckptavg.progress import Reporter, one_line
+from ckptavg.slurm import check_cpus
 from ckptavg.sources import Checkpoint, Source, open_checkpoint, open_run
 from ckptavg.sources.extras import Tokenizer, has_tokenizer, sha256_file
 from ckptavg.sources.hf_folder import PROVENANCE_FILE
@@ -631,8 +632,8 @@ def average(plan: Plan, opts: Options | None = None, reporter: Reporter | None =
     device = _device(opts.device)
     if opts.gpu_memory is not None and device.type != "cuda":
         raise OptionError("--gpu-memory", f"applies to --device cuda only, not --device {opts.device}")
-    if opts.threads is not None and opts.threads < 1:
-        raise OptionError("--threads", f"must be at least 1, got {opts.threads}")
+    if opts.threads is not None:
+        check_cpus(opts.threads, "--threads")
     _raise_open_file_limit()
     if opts.write_ckpt and opts.max_shard_size != Options.max_shard_size:
         reporter.log(

@@ -225,7 +225,7 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--threads",
-                type=click.IntRange(min=1),
+                type=click.IntRange(min=1, max=MAX_CPUS),
                 default=None,
                 help="Cores to use: reader threads and torch's intra-op threads (half of them) "
                 "[default: the cores this process may use, e.g. SLURM's --cpus-per-task].",

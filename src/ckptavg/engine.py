@@ -53,7 +53,8 @@ BUFFER_SUFFIXES = (
 # snapshots, a mean) must stay in the CPU cache: with 8 MB float64 chunks on one thread they spilled out
 # of a 32 MB L3, and the 16-window pythia-160m trajectory took 23 s instead of 15 s.
 CHUNK_BYTES = 2 << 20
-MAX_READERS = 8  # reader threads: a read from the page cache is a memory copy, and 8 saturate memory bandwidth
+MAX_READERS = 8  # reader threads at most: each read from the page cache is a memory copy (a cap; not measured
+# on more than two cores)
 
 EXACT_FP16_TERMS = 8192  # fp16 sums of at most this many values are exact in float64 (2**13 * 2**40 = 2**53)
 
@@ -305,9 +306,10 @@ def choose_reducer(
     ``plan_windows``: how many checkpoints and windows it has; ``additions``: ``group_additions`` of its
     windows), never from the windows a run happens to make (``windows``).
 
-    For fp16 both uniform reducers give every window's exact float64 sum, so the same bits; the one with
-    fewer additions is taken: running sums for LAWA with k >= 4 (one per member, a subtraction per window),
-    group sums for SWA (one sum, one addition per member) and for k <= 2."""
+    For fp16 both uniform reducers give every window's exact float64 sum, so the same bits but for the sign
+    of a zero mean (+0 from running sums where every member is -0); the one with fewer additions is taken:
+    running sums for LAWA with k >= 4 (one per member, a subtraction per window), group sums for SWA (one
+    sum, one addition per member) and for k <= 2."""
     if method == "ema":
         return EmaReducer(windows, decay, accumulate, device)
     if method == "avg":
@@ -471,7 +473,7 @@ def available_cores() -> int:
 def compute_share(threads: int) -> int:
     """torch's intra-op threads out of ``threads``: half, at least one. The other half reads and writes: a
     read from the page cache is a memory copy done by the reading thread. On two cores, one compute thread
-    with two readers beat two compute threads with two readers (7.0 vs 10.6 s for the 1b window)."""
+    took the 1b window in 3.1-3.9 s, two in 5.3-5.6 s, with one or two readers (issue12-cpu.md)."""
     return max(1, threads // 2)
 
 
