@@ -203,7 +203,7 @@ def test_a_submitted_job_record_holds_no_token(slurm_env, job_dir: Path, monkeyp
         ["scontrol", "write", "batch_script", job, "-"], env=slurm_env, capture_output=True, timeout=15
     )
     assert record.returncode == 0, record.stderr
-    assert b"ckptavg lawa run" in record.stdout and secret.encode() not in record.stdout
+    assert b"ckptavg lawa --threads 2 --task-index" in record.stdout and secret.encode() not in record.stdout
     assert secret not in result.output
 
     def finished() -> bool:

@@ -85,6 +85,9 @@ def recorded(record: Path) -> list[bytes]:
     return record.read_bytes().split(b"\0")[:-1]
 
 
+TASK_OPTIONS = ["--threads", "2", "--task-index"]  # what the script adds after the subcommand's name
+
+
 def assert_nothing_else_ran(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.rglob("*") if p.name == MARK]
 
@@ -133,10 +136,7 @@ def test_a_hostile_folder_and_arguments_reach_the_command_as_they_are(
     assert done.returncode == 0, done.stderr
     assert recorded(stub) == [
         os.fsencode(folder),
-        *(
-            os.fsencode(w)
-            for w in ["-m", "ckptavg", *command, "--threads", "2", "--task-index", "1", "--num-tasks", "2"]
-        ),
+        *(os.fsencode(w) for w in ["-m", "ckptavg", command[0], *TASK_OPTIONS, "1", "--num-tasks", "2", *command[1:]]),
     ]
     assert_nothing_else_ran(tmp_path)
 
@@ -156,7 +156,8 @@ def test_each_task_uses_its_cpus_unless_the_command_says_otherwise(
     assert "#SBATCH --cpus-per-task=6" in header(result.stdout)
     done = run_script(result.stdout, tmp_path, task=0)
     assert done.returncode == 0, done.stderr
-    assert recorded(stub)[3:] == [os.fsencode(w) for w in [*command, *threads, "--task-index", "0", "--num-tasks", "1"]]
+    words = [command[0], *threads, "--task-index", "0", "--num-tasks", "1", *command[1:]]
+    assert recorded(stub)[3:] == [os.fsencode(w) for w in words]
 
 
 def test_the_script_names_the_folder_it_cannot_give_sbatch(stub: Path, tmp_path: Path, monkeypatch):
@@ -182,7 +183,7 @@ def test_a_hostile_out_is_one_escaped_word_in_the_comment(stub: Path, tmp_path: 
     assert comment.endswith(f"into $'o\\x09#SBATCH --uid=0 $(touch {MARK})\\x1b\\xe2\\x80\\xae'")
     done = run_script(result.stdout, tmp_path, task=0)
     assert done.returncode == 0, done.stderr
-    assert recorded(stub)[-7] == os.fsencode(out)
+    assert recorded(stub)[-1] == os.fsencode(out)
     assert_nothing_else_ran(tmp_path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from conftest import error_line
 
-from ckptavg import api, engine
+from ckptavg import api, engine, pipeline
 from ckptavg.cli import cli
 from ckptavg.errors import OptionError
 from ckptavg.pipeline import Read, Reads, StageError
@@ -27,8 +28,9 @@ def schedule(n: int) -> list[Read]:
     return [Read(i % 3, f"t{i // 3}", i, i + 1) for i in range(n)]
 
 
-def racing_read(seed: int):
-    """A read that takes a random while, so several workers finish out of order, and writes its index."""
+def racing_read(seed: int, fail_at: int | None = None, error: BaseException | None = None):  # type: ignore[no-untyped-def]
+    """A read that takes a random while, so several workers finish out of order, and fills the buffer with
+    its item's index; at item ``fail_at`` it raises ``error`` instead."""
     rng = random.Random(seed)
     lock = threading.Lock()
 
@@ -36,11 +38,16 @@ def racing_read(seed: int):
         with lock:
             pause = rng.random() * 0.004
         time.sleep(pause)
-        out = buf[:8].view(torch.int64)
-        out.fill_(r.start)
-        return out
+        if r.start == fail_at:
+            assert error is not None
+            raise error
+        return buf.view(torch.int64).fill_(r.start)
 
     return read
+
+
+def ring(depth: int, nbytes: int = 64) -> list[torch.Tensor]:
+    return [torch.empty(nbytes, dtype=torch.uint8) for _ in range(depth)]
 
 
 @contextlib.contextmanager
@@ -110,6 +117,121 @@ def test_a_stage_without_a_worker_or_two_buffers_is_refused(workers: int, depth:
         Reads(schedule(1), racing_read(4), [torch.empty(8, dtype=torch.uint8) for _ in range(depth)], workers)
 
 
+@pytest.mark.parametrize(("workers", "depth"), [(8, 2), (4, 3), (2, 2)])
+def test_a_consumer_holding_one_chunk_like_the_cuda_stage_never_sees_it_overwritten(workers: int, depth: int):
+    """The CUDA stage recycles a chunk only after taking the next: with a ring of two and many workers, the
+    held chunk's bytes must stay the ones read for it, and nothing deadlocks."""
+    sched = schedule(80)
+    reads = Reads(sched, racing_read(workers + depth), ring(depth), workers)
+    try:
+        held = None
+        for item in sched:
+            got = reads.take(item)
+            if held is not None:
+                assert bool((held.data == held.read.start).all()), "a held chunk was overwritten"
+                reads.recycle(held)
+            assert bool((got.data == item.start).all())
+            held = got
+    finally:
+        reads.close()
+    assert not any(t.is_alive() for t in reads.threads)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(3), MemoryError("x")], ids=repr)
+def test_a_base_exception_in_a_worker_is_raised_at_its_turn(error: BaseException):
+    sched = schedule(12)
+    reads = Reads(sched, racing_read(5, fail_at=6, error=error), ring(4), 4)
+    try:
+        for item in sched[:6]:
+            reads.recycle(reads.take(item))
+        with pytest.raises(type(error)):
+            reads.take(sched[6])
+    finally:
+        reads.close()
+    assert not any(t.is_alive() for t in reads.threads)
+
+
+def test_a_failure_while_the_other_workers_wait_for_a_buffer_the_caller_holds():
+    """Ring of two, the caller holds chunk 0 unrecycled; chunk 1 fails; workers are all waiting for a buffer."""
+    sched = schedule(10)
+    reads = Reads(sched, racing_read(6, fail_at=1, error=OSError("bad sector")), ring(2), 6)
+    t0 = time.monotonic()
+    try:
+        first = reads.take(sched[0])
+        with pytest.raises(OSError, match="bad sector"):
+            reads.take(sched[1])
+        assert bool((first.data == 0).all())
+    finally:
+        reads.close()
+    assert time.monotonic() - t0 < 2
+    assert not any(t.is_alive() for t in reads.threads)
+
+
+@pytest.mark.parametrize("workers", [1, 5])
+def test_an_empty_schedule_and_more_workers_than_schedule(workers: int):
+    reads = Reads([], racing_read(7), ring(2), workers)
+    with pytest.raises(StageError, match="ended before"):
+        reads.take(Read(0, "t", 0, 1))
+    reads.close()
+    sched = schedule(2)
+    reads = Reads(sched, racing_read(8), ring(2), 16)
+    try:
+        for item in sched:
+            reads.recycle(reads.take(item))
+    finally:
+        reads.close()
+    assert not any(t.is_alive() for t in reads.threads)
+
+
+def test_close_while_a_worker_is_inside_read_returns_and_the_worker_then_ends(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(pipeline, "JOIN_SECONDS", 0.2)
+    inside, release = threading.Event(), threading.Event()
+
+    def read(r: Read, buf: torch.Tensor) -> torch.Tensor:
+        if r.start == 1:
+            inside.set()
+            release.wait(10)
+        return buf.view(torch.int64).fill_(r.start)
+
+    sched = schedule(6)
+    reads = Reads(sched, read, ring(3), 3)
+    reads.recycle(reads.take(sched[0]))
+    assert inside.wait(5)
+    t0 = time.monotonic()
+    reads.close()
+    assert time.monotonic() - t0 < 2
+    release.set()
+    for t in reads.threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in reads.threads)
+
+
+def test_ctrl_c_in_the_caller_while_it_waits_for_a_chunk_then_close():
+    """SIGINT reaches the main thread blocked in take(); close() must then stop every worker."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    release = threading.Event()
+
+    def read(r: Read, buf: torch.Tensor) -> torch.Tensor:
+        if r.start == 2:
+            release.wait(10)
+        return buf.view(torch.int64).fill_(r.start)
+
+    sched = schedule(20)
+    reads = Reads(sched, read, ring(3), 4)
+    timer = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for item in sched:
+                reads.recycle(reads.take(item))
+    finally:
+        timer.cancel()
+        release.set()
+        reads.close()
+    assert not any(t.is_alive() for t in reads.threads)
+
+
 # ---------------------------------------------------------------- how threads are shared out
 
 
@@ -131,11 +253,16 @@ def test_the_default_is_the_cores_this_process_may_use():
 def test_torch_threads_are_set_for_the_run_and_restored_after_it():
     before = torch.get_num_threads()
     with engine.compute_threads(6):
-        assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == min(3, engine.available_cores())
+    with engine.compute_threads(4096):  # never more torch threads than cores
+        assert torch.get_num_threads() == engine.available_cores()
     assert torch.get_num_threads() == before
 
 
-def test_a_chunk_holds_two_mib_of_accumulator_per_compute_thread(make_st_run, tmp_path: Path):
+@pytest.mark.parametrize(("threads", "chunk_bytes"), [(1, 2 << 20), (8, 8 << 20), (16, 16 << 20), (4096, 16 << 20)])
+def test_a_chunk_holds_two_mib_of_accumulator_per_compute_thread_up_to_16(
+    make_st_run, tmp_path: Path, threads: int, chunk_bytes: int
+):
     make_st_run([1000], torch.float16)
     plan = api.plan_lawa(str(tmp_path / "run"), StepRange(1000, 1000), k=1, out=tmp_path / "o")
     info = plan.members[1000].entries["layer.w"].info
@@ -148,9 +275,9 @@ def test_a_chunk_holds_two_mib_of_accumulator_per_compute_thread(make_st_run, tm
         out_dtype=lambda name, info: info.dtype,
         sink=lambda *a: None,
         readers={},
-        threads=8,
+        threads=threads,
     )
-    assert job.chunk_of(info) == 4 * engine.CHUNK_BYTES // 4  # 4 compute threads x 2 MiB of float32
+    assert job.chunk_of(info) == chunk_bytes // 4  # float32 accumulators
 
 
 # ---------------------------------------------------------------- the bytes do not depend on --threads

@@ -841,8 +841,10 @@ def slurm(
         f"ckptavg {name}: {n} outputs in {tasks} array tasks; the largest task reads about {human_bytes(read)} "
         f"and writes about {human_bytes(written)} into {shell_quote(kw['out'])}"
     )
+    argv = _without_token(command)  # its first word is the subcommand's name
     script = job_script(
-        [sys.executable, "-m", "ckptavg", *_without_token(command), *_threads_for(kw, cpus)],
+        [sys.executable, "-m", "ckptavg", argv[0], *_threads_for(kw, cpus), *argv[1:]],
+        options_at=4 + len(_threads_for(kw, cpus)),
         tasks=tasks,
         workdir=Path.cwd(),
         job_name=job_name or f"ckptavg-{name}",
@@ -875,7 +877,8 @@ def slurm(
 
 def _threads_for(kw: dict[str, Any], cpus: int) -> list[str]:
     """A task's --threads: its --cpus-per-task, unless the command names its own. Without it the task would
-    use every core its affinity mask allows, which is the whole node where SLURM does not bind tasks."""
+    use every core its affinity mask allows, which is the whole node where SLURM does not bind tasks. Like
+    --task-index, it goes right after the subcommand's name: after a ``--`` it would be a checkpoint."""
     return [] if kw["threads"] is not None else ["--threads", str(cpus)]
 
 

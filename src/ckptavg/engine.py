@@ -53,6 +53,10 @@ BUFFER_SUFFIXES = (
 # snapshots, a mean) must stay in the CPU cache: with 8 MB float64 chunks on one thread they spilled out
 # of a 32 MB L3, and the 16-window pythia-160m trajectory took 23 s instead of 15 s.
 CHUNK_BYTES = 2 << 20
+# At most this much accumulator per chunk, whatever the threads: buffers grow with the chunk (the read ring,
+# the write slots), and past 8 compute threads each takes a smaller share (torch's element-wise loops split
+# down to 32K elements per thread).
+MAX_CHUNK_BYTES = 16 << 20
 MAX_READERS = 8  # reader threads at most: each read from the page cache is a memory copy (a cap; not measured
 # on more than two cores)
 
@@ -200,8 +204,9 @@ class RunningSumReducer(Reducer):
             assert total is not None
             snap = self.snapshots.pop(j)
             mean = self.buffers.take(self.dtype)
-            if snap is None:
-                self.buffers.divide(total, len(self.windows[j].steps), out=mean)
+            if snap is None:  # + 0.0 turns a -0 sum into +0, as a difference of two equal running sums gives
+                # it: whether a window has a snapshot depends on which windows the run makes, its bits must not
+                self.buffers.divide(torch.add(total, 0.0, out=mean), len(self.windows[j].steps), out=mean)
             else:
                 self.buffers.divide(torch.sub(total, snap, out=mean), len(self.windows[j].steps), out=mean)
                 self._release(snap)
@@ -401,9 +406,11 @@ class Job:
         return self.readers[r.member].read(r.name, r.start, r.stop, buf)
 
     def chunk_of(self, info: TensorInfo) -> int:
-        """Elements per chunk: ``CHUNK_BYTES`` of accumulator for each compute thread (or the caller's
-        ``chunk``). Element-wise arithmetic gives the same bits however a tensor is cut."""
-        return self.chunk or CHUNK_BYTES * compute_share(self.threads) // self.reducer_for(info.dtype).dtype.itemsize
+        """Elements per chunk: ``CHUNK_BYTES`` of accumulator for each compute thread, at most
+        ``MAX_CHUNK_BYTES`` (or the caller's ``chunk``). Element-wise arithmetic gives the same bits however
+        a tensor is cut."""
+        chunk_bytes = min(CHUNK_BYTES * compute_share(self.threads), MAX_CHUNK_BYTES)
+        return self.chunk or chunk_bytes // self.reducer_for(info.dtype).dtype.itemsize
 
 
 class Stage(Protocol):
@@ -484,10 +491,10 @@ def read_workers(threads: int) -> int:
 
 @contextlib.contextmanager
 def compute_threads(threads: int) -> Iterator[None]:
-    """torch's intra-op threads for a run allowed ``threads`` cores (``compute_share``), restored on the way
-    out: a library caller's own setting is not ours to keep."""
+    """torch's intra-op threads for a run allowed ``threads`` cores (``compute_share``, no more than the cores
+    there are), restored on the way out: a library caller's own setting is not ours to keep."""
     before = torch.get_num_threads()
-    torch.set_num_threads(compute_share(threads))
+    torch.set_num_threads(min(compute_share(threads), available_cores()))
     try:
         yield
     finally:
@@ -507,7 +514,8 @@ def run(job: Job) -> int:
         for start in range(0, max(info.numel, 1), chunk)
         for m in order
     ]
-    sizes = [(stage.chunk_of(job, job.infos[n]), job.infos[n].dtype.itemsize) for n in averaged] or [(1, 1)]
+    infos = [job.infos[n] for n in averaged]
+    sizes = [(min(stage.chunk_of(job, i), max(i.numel, 1)), i.dtype.itemsize) for i in infos] or [(1, 1)]
     read_bytes = max(c * size for c, size in sizes)
     slot_bytes = max(c * 8 for c, _ in sizes)
     copy_chunk = job.chunk or CHUNK_BYTES // 4

@@ -132,10 +132,13 @@ def job_script(
     partition: str | None = None,
     summary: str = "",
     token: TokenSource | None = None,
+    options_at: int | None = None,
 ) -> str:
     """The sbatch script that runs ``command`` (its argv, interpreter first) as an array of ``tasks`` tasks.
 
-    Each task runs ``command --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks TASKS`` in ``workdir``, which
+    Each task runs ``command`` with ``--task-index "$SLURM_ARRAY_TASK_ID" --num-tasks TASKS`` put in at index
+    ``options_at`` (default: at the end; ``ckptavg slurm`` puts them right after the subcommand's name, where
+    they come before any ``--`` that ends the options) in ``workdir``, which
     the body enters with ``cd --`` (a shell-quoted word: any folder name works). The folder is also given
     as ``#SBATCH --chdir`` (where SLURM writes the task's log) when sbatch reads it back as it is (see
     ``_sbatch_path``); otherwise the log goes to the folder sbatch is run from, and a comment says so. ``summary``
@@ -168,12 +171,14 @@ def job_script(
         *([f"#SBATCH --time={time}"] if time is not None else []),
         *([] if chdir else [f"# No --chdir: {_NO_CHDIR}"]),
     ]
-    run = " ".join(shell_quote(w) for w in command)
+    at = len(command) if options_at is None else options_at
+    words = [shell_quote(w) for w in command]
+    words[at:at] = ['--task-index "$SLURM_ARRAY_TASK_ID"', f"--num-tasks {tasks}"]
     body = [
         "set -euo pipefail",  # the first command: sbatch reads no #SBATCH line after it
         f"cd -- {shell_quote(workdir)}",
         *_token_lines(token),
-        f'exec {run} --task-index "$SLURM_ARRAY_TASK_ID" --num-tasks {tasks}',
+        f"exec {' '.join(words)}",
     ]
     return "\n".join(header + body) + "\n"
 
