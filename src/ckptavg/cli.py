@@ -842,9 +842,10 @@ def slurm(
         f"and writes about {human_bytes(written)} into {shell_quote(kw['out'])}"
     )
     argv = _without_token(command)  # its first word is the subcommand's name
+    head = [sys.executable, "-m", "ckptavg", argv[0], *_threads_for(kw, cpus)]
     script = job_script(
-        [sys.executable, "-m", "ckptavg", argv[0], *_threads_for(kw, cpus), *argv[1:]],
-        options_at=4 + len(_threads_for(kw, cpus)),
+        [*head, *argv[1:]],
+        options_at=len(head),
         tasks=tasks,
         workdir=Path.cwd(),
         job_name=job_name or f"ckptavg-{name}",

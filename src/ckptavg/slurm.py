@@ -136,14 +136,13 @@ def job_script(
 ) -> str:
     """The sbatch script that runs ``command`` (its argv, interpreter first) as an array of ``tasks`` tasks.
 
-    Each task runs ``command`` with ``--task-index "$SLURM_ARRAY_TASK_ID" --num-tasks TASKS`` put in at index
-    ``options_at`` (default: at the end; ``ckptavg slurm`` puts them right after the subcommand's name, where
-    they come before any ``--`` that ends the options) in ``workdir``, which
-    the body enters with ``cd --`` (a shell-quoted word: any folder name works). The folder is also given
-    as ``#SBATCH --chdir`` (where SLURM writes the task's log) when sbatch reads it back as it is (see
-    ``_sbatch_path``); otherwise the log goes to the folder sbatch is run from, and a comment says so. ``summary``
-    is a comment; ``token`` says how the job gets a Hub token (never written here). Options are checked as
-    ``check_*`` do (OptionError).
+    Each task runs ``command`` with ``--task-index "$SLURM_ARRAY_TASK_ID" --num-tasks TASKS`` inserted at index
+    ``options_at`` (default: the end; ``ckptavg slurm`` inserts them right after the subcommand's name, before any
+    ``--`` that ends the options). It runs in ``workdir``, which the body enters with ``cd --`` (a shell-quoted
+    word: any folder name works). The folder is also given as ``#SBATCH --chdir`` (where SLURM writes the task's
+    log) when sbatch reads it back as it is (see ``_sbatch_path``); otherwise the log goes to the folder sbatch is
+    run from, and a comment says so. ``summary`` is a comment; ``token`` says how the job gets a Hub token (never
+    written here). Options are checked as ``check_*`` do (OptionError).
     """
     if tasks < 1:
         raise OptionError("--num-tasks", f"{tasks} is below 1")
