@@ -45,29 +45,32 @@ def test_cuda_stage_reads_into_pinned_memory_and_sizes_large_chunks(make_st_run,
     shapes = {"big": (3 << 20,), "small": (7,)}  # 3M elements: one chunk, where the CPU path makes 12
     make_st_run([1000, 2000, 3000], torch.float16, shapes=shapes)
     made: list[cuda_stage.CudaStage] = []
-    pinned: list[bool] = []
-    original = cuda_stage.PinnedRing.read
-
-    def read(self, r, token):
-        x = original(self, r, token)
-        pinned.append(x.is_pinned())
-        return x
+    rings: list[list[torch.Tensor]] = []
 
     def stage_for(job, averaged):
-        made.append(cuda_stage.CudaStage.for_job(job, averaged))
-        return made[-1]
+        stage = cuda_stage.CudaStage.for_job(job, averaged)
+        open_stage = stage.open
 
-    monkeypatch.setattr(cuda_stage.PinnedRing, "read", read)
+        def open_recording(*args):
+            reads, writes = open_stage(*args)
+            rings.append(reads.ring)
+            return reads, writes
+
+        stage.open = open_recording
+        made.append(stage)
+        return stage
+
     monkeypatch.setattr(engine, "stage_for", stage_for)
     outs = {}
     for device in ("cpu", "cuda"):
         plan = api.plan_lawa(str(tmp_path / "run"), StepRange(3000, 3000), k=3, out=tmp_path / device)
-        api.average(plan, api.Options(device=device))
+        api.average(plan, api.Options(device=device, threads=6))
         outs[device] = weights(plan)
     assert outs["cuda"] == outs["cpu"]
     assert made[-1].sizing.chunk == 3 << 20  # the whole tensor: GPU memory is plentiful
+    assert made[-1].sizing.threads == 4  # --threads 6 less the caller's and the writer's
     assert all(h.is_pinned() for h in made[-1].host_out)
-    assert pinned and all(pinned)
+    assert rings and all(b.is_pinned() for b in rings[-1])  # the readers read into pinned buffers
 
 
 @pytest.mark.gpu
