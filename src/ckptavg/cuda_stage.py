@@ -60,8 +60,8 @@ def live_accumulators(windows: Sequence[Window]) -> int:
 
 def read_threads(cpus: int) -> int:
     """Reader threads out of ``cpus`` (``--threads``): every core but the caller's (which only queues GPU work)
-    and the writer's, at most ``engine.MAX_READERS``, and at least one."""
-    return max(1, min(engine.MAX_READERS, cpus - 2))
+    and the writer's, as many as the CPU stage would take from the rest (at most ``engine.MAX_READERS``)."""
+    return engine.read_workers(cpus - 2)
 
 
 def read_depth(threads: int) -> int:

@@ -57,8 +57,8 @@ CHUNK_BYTES = 2 << 20
 # the write slots), and past 8 compute threads each takes a smaller share (torch's element-wise loops split
 # down to 32K elements per thread).
 MAX_CHUNK_BYTES = 16 << 20
-MAX_READERS = 8  # reader threads at most: each read from the page cache is a memory copy (a cap; not measured
-# on more than two cores)
+# Reader threads at most: each read from the page cache is a memory copy (a cap; not measured beyond two cores).
+MAX_READERS = 8
 
 EXACT_FP16_TERMS = 8192  # fp16 sums of at most this many values are exact in float64 (2**13 * 2**40 = 2**53)
 

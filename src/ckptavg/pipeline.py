@@ -32,6 +32,13 @@ T = TypeVar("T")
 JOIN_SECONDS = 5.0  # bounded joins: a thread stuck in a system call is left to die with the process
 
 
+def join_all(threads: list[threading.Thread]) -> None:
+    """Join ``threads`` for ``JOIN_SECONDS`` in all (not each)."""
+    deadline = time.monotonic() + JOIN_SECONDS
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
 class _End:
     """The sentinel that wakes a stage's thread and tells it to stop."""
 
@@ -151,9 +158,7 @@ class Reads:
         self.stopping = True
         for _ in self.threads:
             self.free.put(END)
-        deadline = time.monotonic() + JOIN_SECONDS
-        for t in self.threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        join_all(self.threads)
 
 
 @dataclass(frozen=True)
@@ -309,6 +314,4 @@ class Workers(Generic[T]):
         for _ in self.threads:
             self.tasks.put(END)
         if wait:
-            deadline = time.monotonic() + JOIN_SECONDS
-            for t in self.threads:
-                t.join(timeout=max(0.0, deadline - time.monotonic()))
+            join_all(self.threads)
