@@ -394,6 +394,48 @@ def test_allow_nonfinite_does_not_poison_later_windows(make_st_run, tmp_path: Pa
         assert torch.equal(got, ref), end
 
 
+@pytest.mark.parametrize(
+    ("dtype", "narrow", "big"),
+    [
+        (torch.float32, "float16", 1e6),
+        (torch.float32, "bfloat16", 3.4e38),  # bf16's largest is 3.39e38: fp32's top values round to Inf
+        (torch.bfloat16, "float16", 1e5),
+    ],
+)
+def test_a_mean_too_large_for_a_narrower_dtype_is_refused_not_written_as_inf(
+    make_st_run, tmp_path: Path, dtype: torch.dtype, narrow: str, big: float
+):
+    """Finite members whose mean the --dtype cannot hold: the cheap check (a finite sum means finite means)
+    let Inf through to the output."""
+    states = make_st_run(STEPS, dtype)
+    run, out = tmp_path / "run", tmp_path / "out"
+    for s in STEPS:
+        states[s]["layer.w"][4321] = big
+        write_st(run / f"step{s}" / "model.safetensors", states[s])
+    msg = error_line(lawa(run, out, "--dtype", narrow))
+    assert f"tensor 'layer.w' for step 3000 ({run / 'step3000'}) overflows {narrow} to Inf" in msg, msg
+    assert "pass a wider --dtype or --allow-nonfinite" in msg
+    assert_nothing_left(out)
+    result = lawa(run, out, "--dtype", narrow, "--allow-nonfinite")
+    assert result.exit_code == 0, result.stderr
+    assert load_file(out / "step3000" / "model.safetensors")["layer.w"][4321].item() == float("inf")
+
+
+def test_a_float32_sum_that_overflows_names_accumulate_float64_which_averages_it(make_st_run, tmp_path: Path):
+    states = make_st_run(STEPS, torch.float32)
+    run, out = tmp_path / "run", tmp_path / "out"
+    for s in STEPS:
+        states[s]["layer.w"][7] = 3e38  # three of them overflow a float32 sum; their mean is float32's
+        write_st(run / f"step{s}" / "model.safetensors", states[s])
+    msg = error_line(lawa(run, out))
+    assert "tensor 'layer.w' for step 3000" in msg and "overflows float32 to Inf" in msg, msg
+    assert "pass --accumulate float64 or --allow-nonfinite" in msg
+    assert_nothing_left(out)
+    result = lawa(run, out, "--accumulate", "float64")
+    assert result.exit_code == 0, result.stderr
+    assert load_file(out / "step3000" / "model.safetensors")["layer.w"][7].item() == torch.tensor(3e38).item()
+
+
 def test_pythia_bin_buffers_are_copied_not_averaged(tmp_path: Path):
     run, out = tmp_path / "run", tmp_path / "out"
     states = write_pythia_run(run, STEPS, tokenizer=False)

@@ -183,6 +183,22 @@ def test_a_nonfinite_input_is_blamed_through_the_staging(make_st_run, tmp_path: 
     assert not (tmp_path / "o" / "step3000").exists()
 
 
+def test_a_mean_too_large_for_the_output_dtype_is_refused_through_the_staging(make_st_run, tmp_path: Path, monkeypatch):
+    """The GPU's check is the CPU's: a finite sum does not clear an output narrower than the inputs."""
+    states = make_st_run([1000, 2000, 3000], torch.float32)
+    from safetensors.torch import save_file
+
+    for s in (1000, 2000, 3000):
+        states[s]["layer.w"][1234] = 1e6
+        save_file(states[s], tmp_path / "run" / f"step{s}" / "model.safetensors", metadata={"format": "pt"})
+    stage_for, _ = staged(HostStreams(eager=False))
+    monkeypatch.setattr(engine, "stage_for", stage_for)
+    plan = api.plan_lawa(str(tmp_path / "run"), StepRange(3000, 3000), k=3, out=tmp_path / "o")
+    with pytest.raises(NonFiniteError, match=r"tensor 'layer.w' for step 3000 .* overflows float16 to Inf"):
+        api.average(plan, api.Options(chunk=1000, dtype="float16"))
+    assert not (tmp_path / "o" / "step3000").exists()
+
+
 class RecordingStreams(HostStreams):
     """``HostStreams`` that keep every host buffer they hand out (pinned ones, on a GPU)."""
 

@@ -307,7 +307,9 @@ class CudaStage:
         out = self.dev_out[slot][: n * dtype.itemsize].view(dtype)
         out.copy_(mean)
         if not job.allow_nonfinite:  # engine._finite's test, without its host-side shortcut
-            ok = torch.isfinite(mean.sum()) | engine._isfinite(out).all()
+            ok = engine._isfinite(out).all()
+            if engine.holds_range(dtype, job.infos[name].dtype):
+                ok |= torch.isfinite(mean.sum())
             self.flags[slot : slot + 1].copy_(ok.reshape(1))
         done = self.streams.record("compute")
         host = self.host_out[slot][: n * dtype.itemsize]

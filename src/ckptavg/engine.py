@@ -452,7 +452,7 @@ class CpuStage:
         dtype = job.out_dtype(name, job.infos[name])
         slot, out = writes.buffer(dtype, mean.numel())
         out.copy_(mean)
-        if not job.allow_nonfinite and not _finite(mean, out):
+        if not job.allow_nonfinite and not _finite(mean, out, job.infos[name].dtype):
             _blame_nonfinite(job, j, name, *span)
         writes.put(slot, j, name, span[0], out)
 
@@ -581,10 +581,17 @@ def _isfinite(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x if promotes(x.dtype) else x.float())
 
 
-def _finite(acc: torch.Tensor, out: torch.Tensor) -> bool:
-    """A sum is finite iff every term is (a reduction costs a fraction of an element-wise isfinite);
-    a finite sum that overflows float32 sends us to the exact check."""
-    return bool(torch.isfinite(acc.sum())) or bool(_isfinite(out).all())
+def holds_range(out: torch.dtype, inputs: torch.dtype) -> bool:
+    """Whether every finite ``inputs`` value, and so every mean of them (which lies between the smallest and
+    the largest), rounds to a finite ``out`` value: not so for ``--dtype float16`` (or bfloat16) from fp32."""
+    return torch.finfo(out).max >= torch.finfo(inputs).max
+
+
+def _finite(acc: torch.Tensor, out: torch.Tensor, inputs: torch.dtype) -> bool:
+    """A sum is finite iff every term is (a reduction costs a fraction of an element-wise isfinite), and
+    finite means fit an output that ``holds_range`` of the inputs; a finite sum that overflows float32, or
+    an output of narrower range than the inputs, sends us to the exact check."""
+    return (holds_range(out.dtype, inputs) and bool(torch.isfinite(acc.sum()))) or bool(_isfinite(out).all())
 
 
 def _blame_nonfinite(job: Job, j: int, name: str, start: int, stop: int) -> None:
@@ -596,7 +603,11 @@ def _blame_nonfinite(job: Job, j: int, name: str, start: int, stop: int) -> None
                 f"tensor '{name}' holds NaN or Inf at step {ckpt.step} ({ckpt.label}); "
                 "pass --allow-nonfinite to average it anyway"
             )
+    last = job.members[job.windows[j].steps[-1]]
+    out = job.out_dtype(name, job.infos[name])
+    # Finite members: either the output cannot hold their mean, or the sum overflowed its accumulator.
+    wider = "a wider --dtype" if not holds_range(out, job.infos[name].dtype) else "--accumulate float64"
     raise NonFiniteError(
-        f"the average of tensor '{name}' for step {job.windows[j].end} overflows to Inf; "
-        "pass --dtype float32 or --allow-nonfinite"
+        f"the average of tensor '{name}' for step {job.windows[j].end} ({last.label}) overflows "
+        f"{str(out).removeprefix('torch.')} to Inf; pass {wider} or --allow-nonfinite"
     )
