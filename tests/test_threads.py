@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from conftest import error_line
 
-from ckptavg import api, engine, pipeline
+from ckptavg import api, cores, engine, pipeline
 from ckptavg.cli import cli
 from ckptavg.errors import OptionError
 from ckptavg.pipeline import Read, Reads, StageError
@@ -243,19 +243,12 @@ def test_half_the_threads_compute_and_up_to_eight_read(threads: int, compute: in
     assert engine.read_workers(threads) == readers
 
 
-def test_the_default_is_the_cores_this_process_may_use():
-    import os
-
-    assert engine.available_cores() == len(os.sched_getaffinity(0))
-    assert api.Options().threads is None  # resolved when the run starts
-
-
 def test_torch_threads_are_set_for_the_run_and_restored_after_it():
     before = torch.get_num_threads()
     with engine.compute_threads(6):
-        assert torch.get_num_threads() == min(3, engine.available_cores())
+        assert torch.get_num_threads() == min(3, cores.available_cores())
     with engine.compute_threads(4096):  # never more torch threads than cores
-        assert torch.get_num_threads() == engine.available_cores()
+        assert torch.get_num_threads() == cores.available_cores()
     assert torch.get_num_threads() == before
 
 

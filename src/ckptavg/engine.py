@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from ckptavg.cores import available_cores
 from ckptavg.errors import NonFiniteError
 from ckptavg.pipeline import Chunk, Read, Reads, Writes
 from ckptavg.sources import Checkpoint, Reader, TensorInfo
@@ -467,14 +467,6 @@ def stage_for(job: Job, averaged: list[str]) -> Stage:
     from ckptavg.cuda_stage import CudaStage  # only CUDA runs pay for its import
 
     return CudaStage.for_job(job, averaged)
-
-
-def available_cores() -> int:
-    """The cores this process may use (a SLURM allocation or ``taskset`` narrows them): ``--threads``' default."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def compute_share(threads: int) -> int:

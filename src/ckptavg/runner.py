@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ckptavg import engine, schedule
+from ckptavg.cores import available_cores
 from ckptavg.errors import HubUnavailableError
 from ckptavg.pipeline import ByteBudget
 from ckptavg.progress import Reporter, human_bytes
@@ -85,7 +86,7 @@ def execute(
     with contextlib.ExitStack() as stack:
         stack.callback(rep.stop)
         files = stack.enter_context(FileTable())
-        threads = opts.threads or engine.available_cores()
+        threads = opts.threads or available_cores()
         stack.enter_context(engine.compute_threads(threads))
 
         def keep() -> bool:
