@@ -343,6 +343,53 @@ def test_legacy_pickle_needs_the_flag_then_averages(tmp_path: Path):
     assert not [p for p in out.iterdir() if TMP_MARK in p.name]
 
 
+# ---------------------------------------------------------------- torch files safetensors cannot hold
+
+
+def bin_run(root: Path, states: dict[int, dict[str, torch.Tensor]]) -> Path:
+    for step, state in states.items():
+        (root / f"step{step}").mkdir(parents=True)
+        torch.save(state, root / f"step{step}" / "pytorch_model.bin")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda: torch.randn(3, dtype=torch.complex64), "complex64, which a safetensors file cannot hold"),
+        (lambda: torch.zeros(4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2), "float4_e2m1fn_x2, which"),
+        (lambda: torch.randn(3, 3).to_sparse(), "sparse_coo, not a dense tensor"),
+    ],
+)
+def test_a_bin_tensor_that_safetensors_cannot_hold_is_named_at_planning(tmp_path: Path, make, what: str):
+    """Was a KeyError traceback from the writer (complex, packed float4) or from finding offsets (sparse)."""
+    run = bin_run(tmp_path / "run", {s: {"w": torch.randn(4), "odd": make()} for s in (1, 2)})
+    msg = error_line(lawa(run, tmp_path / "out", steps="2:2", k=2))
+    assert msg.startswith(f"{run / 'step1' / 'pytorch_model.bin'}: tensor 'odd' is {what}"), msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bin_tensor_named_metadata_is_refused_not_written_over_the_safetensors_header(tmp_path: Path):
+    run = bin_run(tmp_path / "run", {s: {"w": torch.randn(4), "__metadata__": torch.randn(3)} for s in (1, 2)})
+    msg = error_line(lawa(run, tmp_path / "out", steps="2:2", k=2))
+    assert "tensor is named '__metadata__', which a safetensors file cannot hold" in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_tied_weights_saved_in_another_key_order_average_as_the_same_tie(tmp_path: Path):
+    """{a: t, b: t} in one file, {b: t, a: t} in the other: was "tensor 'a' is in step 1 but not in step 2"."""
+    states = {}
+    for step, order in ((1, ("a", "b")), (2, ("b", "a"))):
+        t = torch.randn(4, generator=torch.Generator().manual_seed(step))
+        states[step] = {order[0]: t, order[1]: t, "c": torch.randn(2)}
+    run = bin_run(tmp_path / "run", states)
+    result = lawa(run, tmp_path / "out", steps="2:2", k=2)
+    assert result.exit_code == 0, result.stderr
+    got = load_file(tmp_path / "out" / "step2" / "model.safetensors")
+    want = (states[1]["a"].double() + states[2]["a"].double()) / 2
+    assert torch.equal(got["a"], want.float()) and torch.equal(got["b"], want.float())
+
+
 # ---------------------------------------------------------------- non-finite values
 
 
@@ -427,13 +474,32 @@ def test_a_float32_sum_that_overflows_names_accumulate_float64_which_averages_it
     for s in STEPS:
         states[s]["layer.w"][7] = 3e38  # three of them overflow a float32 sum; their mean is float32's
         write_st(run / f"step{s}" / "model.safetensors", states[s])
-    msg = error_line(lawa(run, out))
+    msg = error_line(lawa(run, out, "--accumulate", "float32"))
     assert "tensor 'layer.w' for step 3000" in msg and "overflows float32 to Inf" in msg, msg
     assert "pass --accumulate float64 or --allow-nonfinite" in msg
     assert_nothing_left(out)
-    result = lawa(run, out, "--accumulate", "float64")
+    result = lawa(run, out)  # float64 sums: the default
     assert result.exit_code == 0, result.stderr
     assert load_file(out / "step3000" / "model.safetensors")["layer.w"][7].item() == torch.tensor(3e38).item()
+
+
+def test_avg_names_the_file_not_a_step_it_does_not_have(tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_st(a / "model.safetensors", {"w": torch.tensor([1.0, 2.0])})
+    write_st(b / "model.safetensors", {"w": torch.tensor([float("nan"), 2.0])})
+    msg = error_line(invoke("avg", a, b, "--out", tmp_path / "soup"))
+    assert msg == f"tensor 'w' holds NaN or Inf in {b}; pass --allow-nonfinite to average it anyway"
+    write_st(b / "model.safetensors", {"w": torch.tensor([1e6, 2.0])})
+    msg = error_line(invoke("avg", a, b, "--out", tmp_path / "soup", "--dtype", "float16"))
+    assert msg == "the average of tensor 'w' overflows float16 to Inf; pass a wider --dtype or --allow-nonfinite"
+
+
+def test_a_failed_run_removes_every_folder_it_made_above_out(make_st_run, tmp_path: Path):
+    states = make_st_run(STEPS)
+    states[2000]["layer.w"][0] = float("nan")
+    write_st(tmp_path / "run" / "step2000" / "model.safetensors", states[2000])
+    error_line(lawa(tmp_path / "run", tmp_path / "new" / "x" / "y"))
+    assert not (tmp_path / "new").exists()
 
 
 def test_pythia_bin_buffers_are_copied_not_averaged(tmp_path: Path):

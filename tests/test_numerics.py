@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ckptavg import api
 from ckptavg.steps import StepRange
@@ -141,3 +141,64 @@ def test_overlap_uses_exact_float64_running_sums(make_st_run, tmp_path: Path):
         ref, _ = reference(states, w.steps, w.weights)
         for n in ref:
             assert torch.equal(got[n], ref[n].to(torch.float16)), n
+
+
+# ---------------------------------------------------------------- uniform means are the float64 reference's bits
+
+UNIFORM_PLANS = {
+    "lawa, disjoint windows": lambda run, out: api.plan_lawa(run, StepRange(3000, 9000), k=3, interval=3000, out=out),
+    "lawa k=2, overlapping (group sums)": lambda run, out: api.plan_lawa(
+        run, StepRange(2000, 9000), k=2, interval=1000, out=out
+    ),
+    "lawa k=5, overlapping (running sums for fp16)": lambda run, out: api.plan_lawa(
+        run, StepRange(5000, 9000), k=5, interval=1000, out=out
+    ),
+    "swa": lambda run, out: api.plan_swa(run, StepRange(3000, 9000), start=1000, every=1000, interval=3000, out=out),
+    "avg": lambda run, out: api.plan_avg([f"{run}/step{s}" for s in (4000, 7000, 9000)], out=out),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", sorted(UNIFORM_PLANS))
+def test_a_uniform_mean_has_the_bits_of_the_float64_reference(make_st_run, tmp_path: Path, method, dtype):
+    """(x1.double() + ... + xn.double()) / n, cast by torch: what a user's own float64 script writes."""
+    states = make_st_run(list(range(1000, 9001, 1000)), dtype)
+    plan = UNIFORM_PLANS[method](str(tmp_path / "run"), tmp_path / "o")
+    api.average(plan, api.Options(chunk=CHUNK))
+    if plan.by_position:  # avg: members are positions on the command line
+        states = {i: states[s] for i, s in enumerate((4000, 7000, 9000))}
+    for w, out in zip(plan.windows, plan.outputs, strict=True):
+        got = load_file(out / "model.safetensors")
+        ref, _ = reference(states, w.steps, w.weights)
+        for n in ref:
+            assert torch.equal(got[n], ref[n].to(dtype)), (out.name, n)
+
+
+def test_the_mean_of_identical_checkpoints_is_that_checkpoint(tmp_path: Path):
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    for s in (1, 2, 3):
+        (tmp_path / "run" / f"step{s}").mkdir(parents=True)
+        save_file({"w": x, "d": x.double()}, tmp_path / "run" / f"step{s}" / "model.safetensors")
+    plan = api.plan_lawa(str(tmp_path / "run"), StepRange(3, 3), k=3, out=tmp_path / "o")
+    api.average(plan, api.Options())
+    got = load_file(plan.outputs[0] / "model.safetensors")
+    assert torch.equal(got["w"], x) and torch.equal(got["d"], x.double())
+    # float64 inputs are summed in float64 even where --accumulate float32 is asked for
+    plan = api.plan_lawa(str(tmp_path / "run"), StepRange(3, 3), k=3, out=tmp_path / "o32")
+    api.average(plan, api.Options(accumulate="float32"))
+    assert torch.equal(load_file(plan.outputs[0] / "model.safetensors")["d"], x.double())
+
+
+def test_a_window_has_the_same_bits_whichever_other_windows_the_plan_holds(tmp_path: Path):
+    """fp16 2**-14, 60000, -60000: a float32 sum loses the small term; the float64 sum is exact."""
+    for s, v in ((1, 2**-14), (2, 60000.0), (3, -60000.0), (4, 1.0)):
+        (tmp_path / "run" / f"step{s}").mkdir(parents=True)
+        save_file({"w": torch.tensor([v], dtype=torch.float16)}, tmp_path / "run" / f"step{s}" / "model.safetensors")
+    run = str(tmp_path / "run")
+    alone = api.plan_lawa(run, StepRange(3, 3), k=3, out=tmp_path / "alone")
+    overlapping = api.plan_lawa(run, StepRange(3, 4), k=3, out=tmp_path / "overlapping")
+    for plan in (alone, overlapping):
+        api.average(plan, api.Options())
+    want = torch.tensor([2**-14 / 3], dtype=torch.float16)
+    for plan in (alone, overlapping):
+        assert torch.equal(load_file(plan.outputs[0] / "model.safetensors")["w"], want)

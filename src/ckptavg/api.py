@@ -76,7 +76,7 @@ class Plan:
 
 @dataclass
 class Options:
-    accumulate: str = "float32"
+    accumulate: str = "float64"
     dtype: str | None = None  # output dtype of averaged tensors; None keeps the input's
     device: str = "cpu"
     overwrite: bool = False

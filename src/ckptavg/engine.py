@@ -314,11 +314,17 @@ def choose_reducer(
     For fp16 both uniform reducers give every window's exact float64 sum, so the same bits but for the sign
     of a zero mean (+0 from running sums where every member is -0); the one with fewer additions is taken:
     running sums for LAWA with k >= 4 (one per member, a subtraction per window), group sums for SWA (one
-    sum, one addition per member) and for k <= 2."""
+    sum, one addition per member) and for k <= 2. float64 inputs are summed in float64 whatever
+    ``accumulate`` says; a uniform ``avg`` (no ``--weights``, or equal ones) is summed like a LAWA window,
+    so the two give the same bits for the same members."""
+    if dtype == torch.float64:  # a narrower sum would round the inputs themselves
+        accumulate = torch.float64
     if method == "ema":
         return EmaReducer(windows, decay, accumulate, device)
-    if method == "avg":
+    if method == "avg" and any(len(set(w.weights)) > 1 for w in windows):
         return WeightedReducer(windows, accumulate, device)
+    if method == "avg":  # a uniform avg is a sum and one division, as a LAWA window of the same members
+        return GroupSumReducer(windows, accumulate, device)
     running = members + plan_windows < additions
     if running and overlapping and dtype == torch.float16 and not allow_nonfinite and members <= EXACT_FP16_TERMS:
         # With NaN/Inf let through, an Inf in a shared running sum would leak into windows that never held
@@ -401,6 +407,7 @@ class Job:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the reducers' device
     gpu_memory: int | None = None  # --gpu-memory: most bytes of GPU memory the CUDA stage may take
     threads: int = field(default_factory=lambda: available_cores())  # --threads: cores the run may use
+    by_position: bool = False  # avg: member ids are positions on the command line, not steps
 
     def read(self, r: Read, buf: torch.Tensor) -> torch.Tensor:
         return self.readers[r.member].read(r.name, r.start, r.stop, buf)
@@ -591,15 +598,16 @@ def _blame_nonfinite(job: Job, j: int, name: str, start: int, stop: int) -> None
     for m in job.windows[j].steps:
         ckpt = job.members[m]
         if not bool(_isfinite(job.read(Read(m, name, start, stop), buf)).all()):
+            where = f"in {ckpt.label}" if job.by_position else f"at step {ckpt.step} ({ckpt.label})"
             raise NonFiniteError(
-                f"tensor '{name}' holds NaN or Inf at step {ckpt.step} ({ckpt.label}); "
-                "pass --allow-nonfinite to average it anyway"
+                f"tensor '{name}' holds NaN or Inf {where}; pass --allow-nonfinite to average it anyway"
             )
     last = job.members[job.windows[j].steps[-1]]
+    window = "" if job.by_position else f" for step {job.windows[j].end} ({last.label})"
     out = job.out_dtype(name, job.infos[name])
     # Finite members: either the output cannot hold their mean, or the sum overflowed its accumulator.
     wider = "a wider --dtype" if not holds_range(out, job.infos[name].dtype) else "--accumulate float64"
     raise NonFiniteError(
-        f"the average of tensor '{name}' for step {job.windows[j].end} ({last.label}) overflows "
-        f"{str(out).removeprefix('torch.')} to Inf; pass {wider} or --allow-nonfinite"
+        f"the average of tensor '{name}'{window} overflows {str(out).removeprefix('torch.')} to Inf; "
+        f"pass {wider} or --allow-nonfinite"
     )

@@ -74,7 +74,9 @@ def execute(
         return out_dtype if out_dtype is not None and engine.is_averaged(name, info) else info.dtype
 
     layout = [(n, TensorInfo(infos[n].shape, dtype_of(n, infos[n]))) for n in names]
-    created = [p for p in {plan.outputs[j].parent for j in todo} if not p.exists()]
+    # Folders a failed run must not leave behind: each output's parent and every missing folder above it
+    # (FolderWriter makes them all), deepest first.
+    created = sorted({p for j in todo for p in _missing_folders(plan.outputs[j].parent)}, key=lambda p: -len(p.parts))
     # nanoGPT's ckpt.pt: each output's newest member's training state, checked before anything is written.
     ckpt_states = {
         j: ckpt_training_state(plan.members[plan.windows[j].steps[-1]], opts.optimizer)
@@ -186,6 +188,7 @@ def execute(
                     device=device,
                     gpu_memory=opts.gpu_memory,
                     threads=threads,
+                    by_position=plan.by_position,
                 )
                 engine.run(job)
                 if i + 1 < len(todo_units):  # on disk before its files go: a power loss never re-downloads them
@@ -245,6 +248,15 @@ def _reducers(plan: Plan, opts: Options, device: torch.device) -> Callable[[list
         return made[key]
 
     return reducer
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and the folders above it that do not exist yet."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def _remove_if_empty(path: Path) -> None:

@@ -32,7 +32,7 @@ import torch
 
 from ckptavg.errors import CkptavgError, InvalidCheckpointError, UnsafePickleError
 from ckptavg.sources.checkpoint import TensorEntry, TensorInfo, open_regular
-from ckptavg.sources.safetensors_file import check_name
+from ckptavg.sources.safetensors_file import DTYPE_NAMES, check_name
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field
@@ -393,7 +393,10 @@ def _record_offsets(path: Path) -> dict[str, int]:
 
 def _offset_finder(path: Path, obj: object) -> Callable[[torch.Tensor], int]:
     record_offsets = sorted(_record_offsets(path).values())
-    pointers = sorted({t.untyped_storage().data_ptr() for t in iter_tensors(obj) if t.untyped_storage().nbytes()})
+    dense = [
+        t for t in iter_tensors(obj) if t.layout == torch.strided and not t.is_nested
+    ]  # others are refused by name later
+    pointers = sorted({t.untyped_storage().data_ptr() for t in dense if t.untyped_storage().nbytes()})
     if not pointers:
         return lambda t: -1
     base = pointers[0] - record_offsets[0] if record_offsets else 0
@@ -439,22 +442,41 @@ def state_dict_entries(
     entries: dict[str, TensorEntry] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    named: dict[str, torch.Tensor] = {}
     for raw, t in state_dict.items():
         check_name(raw, str(path))  # as a safetensors header's: a message shows it, an output stores it
         name = raw[len(strip_prefix) :] if strip_prefix and raw.startswith(strip_prefix) else raw
-        if name in entries or name in aliases:
+        if name in named:
             raise InvalidCheckpointError(
                 path,
                 f"tensor '{name}' appears both with and without the '{strip_prefix}' prefix; "
                 "which one is the model is ambiguous",
             )
+        if name == "__metadata__":  # a safetensors header keeps this key for its own strings
+            raise InvalidCheckpointError(path, "a tensor is named '__metadata__', which a safetensors file cannot hold")
+        if t.layout != torch.strided or t.is_nested:
+            kind = "nested" if t.is_nested else str(t.layout).removeprefix("torch.")
+            raise InvalidCheckpointError(path, f"tensor '{name}' is {kind}, not a dense tensor; re-save it dense")
+        if t.dtype not in DTYPE_NAMES:
+            raise InvalidCheckpointError(
+                path, f"tensor '{name}' is {str(t.dtype).removeprefix('torch.')}, which a safetensors file cannot hold"
+            )
         if not t.is_contiguous():
             raise InvalidCheckpointError(path, f"tensor '{name}' is not stored contiguously; re-save the file")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
+        named[name] = t
+
+    # Names sharing one storage: the first in name order is the tensor, the others its aliases, so that
+    # the same ties saved in another order (another script's dict) make the same entries.
+    def where(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], torch.dtype]:
+        return t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.dtype
+
+    for name, t in sorted(named.items()):
+        seen.setdefault(where(t), name)
+    for name, t in named.items():
+        tensor = seen[where(t)]
+        if t.numel() and tensor != name:
+            aliases[name] = tensor
             continue
-        seen[key] = name
         info = TensorInfo(tuple(t.shape), t.dtype)
         if offset is None:
             entries[name] = TensorEntry(info, path)
