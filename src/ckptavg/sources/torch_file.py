@@ -393,9 +393,8 @@ def _record_offsets(path: Path) -> dict[str, int]:
 
 def _offset_finder(path: Path, obj: object) -> Callable[[torch.Tensor], int]:
     record_offsets = sorted(_record_offsets(path).values())
-    dense = [
-        t for t in iter_tensors(obj) if t.layout == torch.strided and not t.is_nested
-    ]  # others are refused by name later
+    # Sparse and nested tensors have no storage of their own; state_dict_entries refuses them by name.
+    dense = [t for t in iter_tensors(obj) if t.layout == torch.strided and not t.is_nested]
     pointers = sorted({t.untyped_storage().data_ptr() for t in dense if t.untyped_storage().nbytes()})
     if not pointers:
         return lambda t: -1
