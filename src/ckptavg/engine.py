@@ -17,10 +17,13 @@ same command gives the same bits however it was cut. ``choose_reducer`` decides 
   checkpoint, whatever k is.
 - other uniform means: each group of windows that share their first member (one LAWA window; all of
   SWA's) is summed from that member in step order, in float64 when windows overlap and in
-  ``--accumulate`` otherwise. bf16 and fp32 sums are not exact in float64, so a difference of running
-  sums would depend on where the run started; a sum from the window's own first member does not.
+  ``--accumulate`` (float64 by default) otherwise. bf16 and fp32 sums are not exact in float64, so a
+  difference of running sums would depend on where the run started; a sum from the window's own first
+  member does not.
 - EMA: ema = decay*ema + (1-decay)*x from the sequence's first member, emitted at window ends.
-- explicit weights (``avg``): acc += w*x.
+- explicit weights (``avg`` with unequal ``--weights``): acc += w*x.
+Every sum starts from +0 (``0.0 + x``, as the float64 reference's ``sum`` does), so a mean of -0 members is
++0 whichever reducer made it.
 """
 
 from __future__ import annotations
@@ -148,6 +151,12 @@ class Reducer:
         self.emitted.append(t)
         return j, t
 
+    def _fresh_sum(self, xs: torch.Tensor) -> torch.Tensor:
+        """A sum's first term, as ``0.0 + x`` (where the float64 reference, Python's ``sum``, starts): a sum
+        of -0 members is +0, as a difference of two equal running sums gives it, so the sign of a zero mean
+        depends neither on the reducer nor on which windows a run makes."""
+        return torch.add(xs, 0.0, out=self.buffers.take(self.dtype))
+
     def feed(self, member: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         raise NotImplementedError
 
@@ -193,7 +202,7 @@ class RunningSumReducer(Reducer):
         total = self.sums.get(r)
         xs = self.buffers.convert(x, self.dtype)
         if total is None:
-            self.sums[r] = self.buffers.take(self.dtype).copy_(xs)
+            self.sums[r] = self._fresh_sum(xs)
         elif self._shared(total):
             self.sums[r] = torch.add(total, xs, out=self.buffers.take(self.dtype))
         else:
@@ -204,9 +213,8 @@ class RunningSumReducer(Reducer):
             assert total is not None
             snap = self.snapshots.pop(j)
             mean = self.buffers.take(self.dtype)
-            if snap is None:  # + 0.0 turns a -0 sum into +0, as a difference of two equal running sums gives
-                # it: whether a window has a snapshot depends on which windows the run makes, its bits must not
-                self.buffers.divide(torch.add(total, 0.0, out=mean), len(self.windows[j].steps), out=mean)
+            if snap is None:
+                self.buffers.divide(total, len(self.windows[j].steps), out=mean)
             else:
                 self.buffers.divide(torch.sub(total, snap, out=mean), len(self.windows[j].steps), out=mean)
                 self._release(snap)
@@ -243,7 +251,7 @@ class GroupSumReducer(Reducer):
         for g in self.in_groups.get(member, ()):
             if member == self.groups[g][0]:
                 self.buffers.give(self.sums.pop(g, None))
-                self.sums[g] = self.buffers.take(self.dtype).copy_(xs)
+                self.sums[g] = self._fresh_sum(xs)
             else:
                 self.sums[g].add_(xs)
         out = []
@@ -311,8 +319,8 @@ def choose_reducer(
     ``plan_windows``: how many checkpoints and windows it has; ``additions``: ``group_additions`` of its
     windows), never from the windows a run happens to make (``windows``).
 
-    For fp16 both uniform reducers give every window's exact float64 sum, so the same bits but for the sign
-    of a zero mean (+0 from running sums where every member is -0); the one with fewer additions is taken:
+    For fp16 both uniform reducers give every window's exact float64 sum (a sum starts from +0, so even a
+    zero mean has the same sign), so the same bits; the one with fewer additions is taken:
     running sums for LAWA with k >= 4 (one per member, a subtraction per window), group sums for SWA (one
     sum, one addition per member) and for k <= 2. float64 inputs are summed in float64 whatever
     ``accumulate`` says; a uniform ``avg`` (no ``--weights``, or equal ones) is summed like a LAWA window,
