@@ -329,10 +329,9 @@ def choose_reducer(
         accumulate = torch.float64
     if method == "ema":
         return EmaReducer(windows, decay, accumulate, device)
-    if method == "avg" and any(len(set(w.weights)) > 1 for w in windows):
-        return WeightedReducer(windows, accumulate, device)
     if method == "avg":  # a uniform avg is a sum and one division, as a LAWA window of the same members
-        return GroupSumReducer(windows, accumulate, device)
+        weighted = any(len(set(w.weights)) > 1 for w in windows)
+        return (WeightedReducer if weighted else GroupSumReducer)(windows, accumulate, device)
     running = members + plan_windows < additions
     if running and overlapping and dtype == torch.float16 and not allow_nonfinite and members <= EXACT_FP16_TERMS:
         # With NaN/Inf let through, an Inf in a shared running sum would leak into windows that never held
