@@ -108,3 +108,9 @@ def tree_digest(root: Path) -> str:
         elif p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def weight_bytes(folder: Path) -> dict[str, bytes]:
+    """Every weight file under ``folder`` by its relative path: what two runs must make alike (ckptavg.json
+    records when its run began, so it differs)."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*.safetensors"))}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import weight_bytes
 
 from ckptavg import api
 from ckptavg.errors import HubUnavailableError
@@ -27,10 +28,6 @@ def plan(method: str, run: Path, out: Path) -> api.Plan:
     return api.plan_swa(str(run), StepRange(4000, 12000), out=out, **SWA)
 
 
-def outputs(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
-
-
 OPTS = api.Options(chunk=2048)
 
 
@@ -41,13 +38,13 @@ def test_split_into_tasks_gives_the_same_bits_as_one_run(make_st_run, tmp_path: 
     run = tmp_path / "run"
     whole = tmp_path / "whole"
     api.average(plan(method, run, whole), OPTS)
-    expected = outputs(whole)
+    expected = weight_bytes(whole)
     assert len(expected) == 5
     for tasks in (2, 3):
         out = tmp_path / f"split{tasks}"
         for t in range(tasks):
             api.average(api.task_share(plan(method, run, out), t, tasks), OPTS)
-        assert outputs(out) == expected, f"{tasks} tasks"
+        assert weight_bytes(out) == expected, f"{tasks} tasks"
 
 
 class Interrupted(HubUnavailableError):
@@ -62,7 +59,7 @@ def test_a_run_interrupted_at_any_point_resumes_to_the_same_bits(
     run = tmp_path / "run"
     whole = tmp_path / "whole"
     api.average(plan("lawa", run, whole), OPTS)
-    expected = outputs(whole)
+    expected = weight_bytes(whole)
     counter = {"n": 0}  # chunks written by a run that is not interrupted
     real_write = FolderWriter.write
 
@@ -92,7 +89,7 @@ def test_a_run_interrupted_at_any_point_resumes_to_the_same_bits(
         # Resume the last task's share first, then everything: each run makes a different subset.
         api.average(api.task_share(plan("lawa", run, out), 2, 3), OPTS)
         api.average(plan("lawa", run, out), OPTS)
-        assert outputs(out) == expected, f"cut at {fraction}"
+        assert weight_bytes(out) == expected, f"cut at {fraction}"
         assert not list(out.glob(".*"))
 
 

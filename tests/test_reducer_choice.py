@@ -1,6 +1,6 @@
 """Per plan, the cheaper of two exact ways to sum overlapping fp16 windows: running sums (one addition per
 checkpoint and a subtraction per window) or each window group summed from its first member. Both give every
-window's exact float64 sum, so the choice changes the cost and, at most, the sign of a zero mean; and it is
+window's exact float64 sum from +0, so the choice changes only the cost, never a bit; and it is
 made from the whole plan, so a plan's bits never depend on how its run was cut."""
 
 from __future__ import annotations

@@ -11,14 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import weight_bytes
 from safetensors.torch import save_file
 
 from ckptavg.cli import cli
-
-
-def weights(folder: Path) -> dict[str, bytes]:
-    """Every weight file under ``folder`` (ckptavg.json records the time and differs)."""
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*.safetensors"))}
 
 
 def signed_zero_run(root: Path, steps: list[int], n: int = 64) -> None:
@@ -50,8 +46,8 @@ def test_the_sign_of_a_zero_mean_does_not_depend_on_the_task_share(tmp_path: Pat
     lawa(tmp_path, tmp_path / "whole")
     lawa(tmp_path, tmp_path / "t0", "--task-index", "0", "--num-tasks", "2")
     lawa(tmp_path, tmp_path / "t1", "--task-index", "1", "--num-tasks", "2")
-    whole = weights(tmp_path / "whole")
-    split = {**weights(tmp_path / "t0"), **weights(tmp_path / "t1")}
+    whole = weight_bytes(tmp_path / "whole")
+    split = {**weight_bytes(tmp_path / "t0"), **weight_bytes(tmp_path / "t1")}
     assert sorted(whole) == sorted(split) and len(whole) == 5
     differ = sorted(k for k in whole if whole[k] != split[k])
     assert differ == [], f"outputs whose bytes depend on the task share: {differ}"
@@ -67,7 +63,7 @@ def test_the_sign_of_a_zero_mean_does_not_depend_on_which_outputs_a_rerun_still_
     for step in (6000, 7000, 8000):
         shutil.rmtree(tmp_path / "again" / f"step{step}")
     lawa(tmp_path, tmp_path / "again")
-    whole, again = weights(tmp_path / "whole"), weights(tmp_path / "again")
+    whole, again = weight_bytes(tmp_path / "whole"), weight_bytes(tmp_path / "again")
     assert sorted(whole) == sorted(again)
     differ = sorted(k for k in whole if whole[k] != again[k])
     assert differ == [], f"outputs whose bytes depend on what the rerun had left to do: {differ}"
@@ -101,7 +97,7 @@ def test_slurm_puts_its_options_before_a_double_dash_where_they_would_be_checkpo
     assert args == [command[0], "--threads", "2", "--task-index", "0", "--num-tasks", "1", *command[1:]]
     task = CliRunner().invoke(cli, args)
     assert task.exit_code == 0, f"the array task {args} fails: {task.output}"
-    assert weights(tmp_path / "o") == weights(tmp_path / "direct")
+    assert weight_bytes(tmp_path / "o") == weight_bytes(tmp_path / "direct")
 
 
 @pytest.mark.parametrize("spelled", [["--threads=3"], ["--threads", "3"]])
@@ -182,7 +178,7 @@ def test_a_run_stopped_midway_and_resumed_with_other_threads_gives_the_same_byte
     again = CliRunner().invoke(cli, [*base, "--out", str(out), "--threads", "5"])
     assert again.exit_code == 0, again.output
     assert "resuming an interrupted run after" in again.stderr, again.stderr[-3000:]
-    assert weights(out) == weights(tmp_path / "ref") and weights(out)
+    assert weight_bytes(out) == weight_bytes(tmp_path / "ref") and weight_bytes(out)
 
 
 def test_task_shares_run_with_different_threads_make_the_whole_runs_bytes(make_st_run, tmp_path: Path):
@@ -196,4 +192,7 @@ def test_task_shares_run_with_different_threads_make_the_whole_runs_bytes(make_s
         extra = ["--task-index", str(task), "--num-tasks", "3", "--threads", threads]
         result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "split"), *extra])
         assert result.exit_code == 0, result.output
-    assert weights(tmp_path / "split") == weights(tmp_path / "whole") and len(weights(tmp_path / "whole")) == 5
+    assert (
+        weight_bytes(tmp_path / "split") == weight_bytes(tmp_path / "whole")
+        and len(weight_bytes(tmp_path / "whole")) == 5
+    )

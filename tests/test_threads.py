@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import error_line
+from conftest import error_line, weight_bytes
 
 from ckptavg import api, cores, engine, pipeline
 from ckptavg.cli import cli
@@ -276,11 +276,6 @@ def test_a_chunk_holds_two_mib_of_accumulator_per_compute_thread_up_to_16(
 # ---------------------------------------------------------------- the bytes do not depend on --threads
 
 
-def weights(folder: Path) -> dict[str, bytes]:
-    """Every weight file under ``folder`` (ckptavg.json records the time and differs)."""
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*.safetensors"))}
-
-
 BIG = {"big": (700_000,), "small": (3,), "scalar": ()}  # 700K elements: several 2 MiB chunks at 1 thread
 
 
@@ -293,7 +288,7 @@ def test_one_thread_and_many_make_the_same_bytes(make_st_run, tmp_path: Path, dt
         args = ["lawa", str(tmp_path / "run"), "--steps", "3000:5000", "--k", "3", "--interval", "1000"]
         result = CliRunner().invoke(cli, [*args, "--out", str(out), "--threads", threads])
         assert result.exit_code == 0, result.output
-        digests.append(weights(out))
+        digests.append(weight_bytes(out))
     assert len(digests[0]) == 3 and digests[0] == digests[1] == digests[2]
 
 
@@ -306,7 +301,7 @@ def test_ema_and_avg_do_not_depend_on_threads_either(make_st_run, tmp_path: Path
             out = tmp_path / f"{cmd[0]}{threads}"
             result = CliRunner().invoke(cli, [*cmd, "--out", str(out), "--threads", threads])
             assert result.exit_code == 0, result.output
-            digests.append(weights(out))
+            digests.append(weight_bytes(out))
         assert digests[0] and digests[0] == digests[1]
 
 
